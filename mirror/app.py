@@ -1,0 +1,68 @@
+"""make_app(config): the aiohttp application with its middleware, routes and resources.
+
+The resources (client session, upstreams, blob store, index, fills) live in one cleanup
+context, so they are created when the server starts and closed when it stops, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from . import errors, routes
+from .blobs import BlobStore
+from .config import Config
+from .fill import Fills
+from .index import Index
+from .keys import CONFIG, PROXY, ROUTER
+from .memory import Memory
+from .proxy import Proxy
+from .reference import Router
+from .upstream import Upstream
+
+log = logging.getLogger("mirror")
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def make_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[errors.middleware])
+    app[CONFIG] = config
+    app[ROUTER] = Router(config.upstreams)
+    app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(_api_version)
+    routes.setup(app)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    memory = Memory()
+    store = BlobStore(config.storage.root)
+    index = Index(config.storage.root, memory)
+    fills = Fills(store)
+    # auto_decompress off: blobs and manifests are hashed and served exactly as sent.
+    session = aiohttp.ClientSession(
+        auto_decompress=False,
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        cookie_jar=aiohttp.DummyCookieJar())
+    slots = asyncio.Semaphore(config.limits.upstream_requests)
+    upstreams = {u.name: Upstream(u, config.limits, session, memory, slots)
+                 for u in config.upstreams}
+    app[PROXY] = Proxy(upstreams, index, store, fills)
+    log.info("serving %s with data in %s; upstreams: %s", config.server.listen,
+             store.root.resolve(), ", ".join(
+                 f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams))
+    yield
+    await fills.close()
+    await session.close()
+    await memory.close()
+    index.close()
+
+
+async def _api_version(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(API_VERSION)

@@ -1,0 +1,67 @@
+"""BlobStore: verified blobs as content-addressed files, committed by an atomic rename.
+
+    <root>/
+      blobs/sha256/ab/ab12...ef   a committed blob: its sha256 was checked before it got here
+      tmp/fill-*                  spool files of fills in progress (emptied at every start)
+      index/                      the metadata index (index.py)
+
+A blob file appears under blobs/ only through `commit`, which fsyncs the spool and then
+renames it into place, so a crash never leaves a truncated or unverified file where it
+would be served. Spool files live outside blobs/ because aiohttp's FileResponse would serve
+a `.gz` twin lying next to a blob.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("mirror")
+
+
+class BlobStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        # Whatever is in tmp/ was a fill or upload that a crash or stop interrupted.
+        if self.tmp.exists():
+            leftovers = sum(1 for _ in self.tmp.iterdir())
+            if leftovers:
+                log.info("removing %d unfinished spool file(s) from %s", leftovers, self.tmp)
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+
+    def path(self, digest: str) -> Path:
+        """The file of a digest that reference.parse_digest has already validated."""
+        algorithm, _, encoded = digest.partition(":")
+        return self.blobs / algorithm / encoded[:2] / encoded
+
+    def size(self, digest: str) -> int | None:
+        """The size of a committed blob, or None when it is not in the store."""
+        try:
+            return os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def spool(self) -> tuple[int, Path]:
+        """A new spool file in tmp/, opened for writing; its name is not a digest."""
+        fd, name = tempfile.mkstemp(prefix="fill-", dir=self.tmp)
+        return fd, Path(name)
+
+    def commit(self, spool: Path, digest: str) -> Path:
+        """Move a spool file whose bytes were verified and fsynced into its place."""
+        final = self.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(spool, final)
+        return final
+
+    def remove(self, digest: str) -> None:
+        try:
+            os.unlink(self.path(digest))
+        except FileNotFoundError:
+            pass

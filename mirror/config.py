@@ -1,0 +1,273 @@
+"""The configuration: one typed tree of frozen dataclasses, loaded as defaults < TOML < env.
+
+`load(path, environ)` reads an optional TOML file and then applies `MIRROR_*` environment
+variables: `MIRROR_<SECTION>_<KEY>` for `[server]`, `[storage]` and `[limits]`, and
+`MIRROR_UPSTREAM_<NAME>_<KEY>` for the upstream called NAME (upper-cased, every character
+that is not a letter or digit written as `_`: `MIRROR_UPSTREAM_DOCKER_IO_PASSWORD`).
+Every unknown key and every bad value is a `ConfigError` that names the key, because a
+typo in a mirror's config otherwise shows up weeks later as a silent upstream miss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is unusable; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Server:
+    listen: str = "0.0.0.0:5000"
+    access_log: bool = True
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+@dataclass(frozen=True)
+class Storage:
+    root: str = "./data"
+
+
+@dataclass(frozen=True)
+class Limits:
+    # In-flight upstream requests over all upstreams, and per upstream; the rest queues.
+    upstream_requests: int = 64
+    upstream_requests_per_upstream: int = 16
+    # An upstream body that makes no progress for this long is aborted (a watchdog, not a
+    # wall-clock limit: a slow but moving 5 GB layer is never cut).
+    stall_timeout: float = 30.0
+    connect_timeout: float = 10.0
+    # Manifests, tag checks and token requests are small: they get a whole-request limit.
+    request_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    default: bool = False
+    aliases: tuple[str, ...] = ()
+    tag_ttl: float = 300.0
+    # Docker Hub keeps official images under library/; None means "yes for docker.io".
+    library: bool | None = None
+
+    @property
+    def adds_library(self) -> bool:
+        return self.name == "docker.io" if self.library is None else self.library
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    def secret(self) -> str | None:
+        if self.password is not None:
+            return self.password
+        if self.password_file:
+            with open(self.password_file, encoding="utf-8") as f:
+                return f.read().strip()
+        return None
+
+
+DEFAULT_UPSTREAMS = (
+    Upstream("docker.io", "https://registry-1.docker.io", default=True,
+             aliases=("hub", "index.docker.io", "registry-1.docker.io")),
+    Upstream("quay.io", "https://quay.io"),
+    Upstream("ghcr.io", "https://ghcr.io"),
+    Upstream("registry.k8s.io", "https://registry.k8s.io", aliases=("k8s.gcr.io",)),
+    Upstream("gcr.io", "https://gcr.io"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: Server = field(default_factory=Server)
+    storage: Storage = field(default_factory=Storage)
+    limits: Limits = field(default_factory=Limits)
+    upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS
+
+    @property
+    def default_upstream(self) -> Upstream | None:
+        return next((u for u in self.upstreams if u.default), None)
+
+
+# An upstream name is a registry host (optionally with a port): it is the `ns=` value
+# containerd sends and, without a port, a path prefix.
+UPSTREAM_NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?")
+DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*")
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the config from the embedded defaults, the TOML file at `path`, then `environ`."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    unknown = set(data) - {"server", "storage", "limits", "upstreams"}
+    if unknown:
+        raise ConfigError(f"unknown config section: {sorted(unknown)[0]}")
+
+    sections = {}
+    for name, cls in (("server", Server), ("storage", Storage), ("limits", Limits)):
+        values = _table(data.get(name, {}), name)
+        values.update(_env_section(environ, name, cls))
+        sections[name] = _build(cls, values, name)
+
+    raw_upstreams = data.get("upstreams")
+    if raw_upstreams is None:
+        upstreams = [{k: v for k, v in dataclasses.asdict(u).items() if v is not None}
+                     for u in DEFAULT_UPSTREAMS]
+    elif isinstance(raw_upstreams, list):
+        upstreams = [_table(u, f"upstreams[{i}]") for i, u in enumerate(raw_upstreams)]
+    else:
+        raise ConfigError("upstreams must be an array of tables ([[upstreams]])")
+    built = []
+    for i, values in enumerate(upstreams):
+        where = f"upstreams[{i}]"
+        if not isinstance(values.get("name"), str):
+            raise ConfigError(f"{where}.name is required")
+        values.update(_env_upstream(environ, values["name"]))
+        built.append(_build(Upstream, values, where))
+    config = Config(upstreams=tuple(built), **sections)
+    _check(config)
+    return config
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table")
+    return dict(value)
+
+
+def _env_section(environ: Mapping[str, str], section: str, cls: type) -> dict[str, str]:
+    prefix = f"MIRROR_{section.upper()}_"
+    keys = {f.name.upper(): f.name for f in dataclasses.fields(cls)}
+    found = {}
+    for var, value in environ.items():
+        if var.startswith(prefix):
+            key = var[len(prefix):]
+            if key not in keys:
+                raise ConfigError(f"unknown config key in environment variable {var}")
+            found[keys[key]] = value
+    return found
+
+
+def _env_upstream(environ: Mapping[str, str], name: str) -> dict[str, str]:
+    prefix = "MIRROR_UPSTREAM_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper() + "_"
+    keys = {f.name.upper(): f.name for f in dataclasses.fields(Upstream) if f.name != "name"}
+    found = {}
+    for var, value in environ.items():
+        if var.startswith(prefix):
+            key = var[len(prefix):]
+            if key not in keys:
+                raise ConfigError(f"unknown config key in environment variable {var}")
+            found[keys[key]] = value
+    return found
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key: {where}.{key}")
+        kwargs[key] = _convert(value, fields[key].type, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _convert(value: Any, type_: str, key: str) -> Any:
+    """Coerce a TOML value or an environment string to the field's declared type."""
+    if type_ == "bool" or type_ == "bool | None":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    if type_ == "int":
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a whole number, not {value!r}") from None
+        if number < 1 or isinstance(value, bool):
+            raise ConfigError(f"{key} must be at least 1, not {value!r}")
+        return number
+    if type_ == "float":
+        return _duration(value, key)
+    if type_ == "tuple[str, ...]":
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, not {value!r}")
+    return value
+
+
+def _duration(value: Any, key: str) -> float:
+    """Seconds as a number, or a string like "90s", "5m", "1h", "250ms"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := DURATION.fullmatch(value)):
+        seconds = float(m.group(1)) * DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{key} must be a duration like 300, \"90s\", \"5m\" or \"1h\"")
+    if seconds < 0:
+        raise ConfigError(f"{key} must not be negative")
+    return seconds
+
+
+def _check(config: Config) -> None:
+    server = config.server
+    host, _, port = server.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"server.listen must be HOST:PORT, not {server.listen!r}")
+    if not config.storage.root:
+        raise ConfigError("storage.root must not be empty")
+    seen: dict[str, str] = {}
+    for i, up in enumerate(config.upstreams):
+        where = f"upstreams[{i}]"
+        for prefix in up.prefixes:
+            if not UPSTREAM_NAME.fullmatch(prefix):
+                raise ConfigError(
+                    f"{where}: {prefix!r} is not a registry host name (lower case, like quay.io)")
+            if prefix in seen:
+                raise ConfigError(f"{where}: {prefix!r} is already used by upstream {seen[prefix]}")
+            seen[prefix] = up.name
+        parts = urlsplit(up.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.url must be an http:// or https:// URL, not {up.url!r}")
+        if up.password is not None and up.password_file is not None:
+            raise ConfigError(f"{where}: set password or password_file, not both")
+    if sum(u.default for u in config.upstreams) > 1:
+        raise ConfigError("only one upstream may have default = true")

@@ -1,0 +1,262 @@
+"""The pull-through policy: what is answered locally, what is asked upstream, and when.
+
+- Content by digest (manifests and blobs) is immutable: once stored it is served as stored,
+  and never revalidated.
+- A tag is answered from its record for `tag_ttl` with no upstream request at all. After
+  that it is revalidated with a HEAD (Docker Hub does not count HEADs against its pull rate
+  limit) and the manifest is fetched by digest only when the digest changed.
+- When the upstream is down, answers 5xx or 429, the last known answer for a tag (or tag
+  list) is served and the fact logged: stale-if-error.
+- Tag records are kept per Accept class. A client that accepts no index must never
+  overwrite the index answer for a tag, or arm64 nodes would be handed amd64 images.
+- A blob miss joins the one fill of that digest (fill.py); a HEAD of a missing blob asks
+  the upstream for a HEAD only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from .blobs import BlobStore
+from .errors import (BlobUnknown, ManifestUnknown, NameUnknown, TooManyRequests, Unavailable)
+from .fill import Fill, Fills
+from .flights import Flights
+from .index import Index, TagRecord
+from .reference import Route, is_digest, parse_digest
+from .upstream import Answer, Upstream
+
+log = logging.getLogger("mirror")
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_ARTIFACT = "application/vnd.oci.artifact.manifest.v1+json"
+LIST_TYPES = {DOCKER_LIST, OCI_INDEX}
+# What a client that states no preference gets, and what a fetch by digest asks for: a
+# digest names one manifest, and Docker Hub answers 404 to a digest whose type is not accepted.
+ALL_TYPES = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, OCI_ARTIFACT,
+             DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1]
+MAX_TAG_PAGES = 1000
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: str
+    media_type: str
+    size: int
+    body: bytes | None  # None for an answer to HEAD known only from a tag record
+
+
+def accepted_types(accept: list[str]) -> set[str] | None:
+    """The media types a client accepts; None when it accepts anything."""
+    types = {part.split(";")[0].strip() for line in accept for part in line.split(",")}
+    types.discard("")
+    if not types or "*/*" in types:
+        return None
+    return types
+
+
+def accept_class(types: set[str] | None) -> str:
+    return "index" if types is None or types & LIST_TYPES else "manifest"
+
+
+def acceptable(media_type: str, types: set[str] | None) -> bool:
+    return types is None or media_type in types
+
+
+class Proxy:
+    def __init__(self, upstreams: dict[str, Upstream], index: Index, store: BlobStore,
+                 fills: Fills):
+        self.upstreams = upstreams
+        self.index = index
+        self.store = store
+        self.fills = fills
+        self._flights = Flights()
+
+    # Manifests.
+    async def manifest(self, route: Route, reference: str, accept: list[str],
+                       head: bool) -> Manifest:
+        if is_digest(reference):
+            return await self._by_digest(route, reference)
+        types = accepted_types(accept)
+        forward = list(accept) if types is not None else ALL_TYPES
+        cls = accept_class(types)
+        record = await self.index.tag(route.key, reference, cls)
+        if record is None or not acceptable(record.media_type, types):
+            return await self._flights.run(
+                ("tag", route.key, reference, cls, head),
+                lambda: self._refresh_tag(route, reference, cls, forward, head))
+        if not record.fresh(route.upstream.tag_ttl):
+            record = await self._flights.run(
+                ("revalidate", route.key, reference, cls),
+                lambda: self._revalidate(route, reference, cls, forward, record))
+        if head:
+            return Manifest(record.digest, record.media_type, record.size, None)
+        return await self._by_digest(route, record.digest)
+
+    async def _refresh_tag(self, route: Route, tag: str, cls: str, accept: list[str],
+                           head: bool) -> Manifest:
+        manifest = await self._fetch_manifest(route, tag, accept, head)
+        await self.index.put_tag(route.key, tag, cls, TagRecord(
+            manifest.digest, manifest.media_type, manifest.size, time.time()))
+        return manifest
+
+    async def _revalidate(self, route: Route, tag: str, cls: str, accept: list[str],
+                          record: TagRecord) -> TagRecord:
+        try:
+            manifest = await self._refresh_tag(route, tag, cls, accept, head=True)
+        except (Unavailable, TooManyRequests) as e:
+            log.warning("serving %s:%s stale (checked %.0fs ago): %s", route.key, tag,
+                        time.time() - record.checked_at, e.message)
+            return record
+        except ManifestUnknown:
+            await self.index.drop_tag(route.key, tag, cls)
+            raise
+        if manifest.digest != record.digest:
+            log.info("%s:%s moved from %s to %s", route.key, tag, record.digest, manifest.digest)
+        return await self.index.tag(route.key, tag, cls) or record
+
+    async def _by_digest(self, route: Route, digest: str) -> Manifest:
+        found = self.index.manifest(digest)
+        if found is not None:
+            media_type, body = found
+            return Manifest(digest, media_type, len(body), body)
+        return await self._flights.run(
+            ("digest", digest), lambda: self._fetch_manifest(route, digest, ALL_TYPES, False))
+
+    async def _fetch_manifest(self, route: Route, reference: str, accept: list[str],
+                              head: bool) -> Manifest:
+        """Ask the upstream; verify and store what a GET returns."""
+        upstream = self.upstreams[route.upstream.name]
+        answer = await upstream.fetch("HEAD" if head else "GET",
+                                      f"/v2/{route.name}/manifests/{reference}",
+                                      name=route.name, not_found=ManifestUnknown, accept=accept)
+        header_digest = answer.headers.get("Docker-Content-Digest")
+        if head:
+            length = answer.headers.get("Content-Length", "")
+            if header_digest and length.isdigit() and "Content-Type" in answer.headers:
+                return Manifest(parse_digest(header_digest), _media_type(answer),
+                                int(length), None)
+            # Some registries answer HEAD without a digest: a GET tells us everything.
+            return await self._fetch_manifest(route, reference, accept, head=False)
+        media_type = _media_type(answer)
+        body = answer.body
+        expected = reference if is_digest(reference) else header_digest
+        algorithm = (expected or "sha256:").partition(":")[0]
+        computed = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}" \
+            if algorithm in ("sha256", "sha512") else None
+        if expected is not None and computed != expected:
+            # A signed schema1 manifest's digest is that of its payload without the
+            # signatures: the upstream's header is the only source for it.
+            if not (media_type == DOCKER_SCHEMA1_SIGNED and header_digest == expected):
+                raise Unavailable(f"upstream {upstream.name} sent a manifest for "
+                                  f"{route.name}:{reference} that does not match {expected}")
+        digest = parse_digest(expected or computed)
+        self.index.put_manifest(digest, media_type, body)
+        self.index.add_repository(self.catalog_name(route))
+        return Manifest(digest, media_type, len(body), body)
+
+    # Blobs.
+    def blob_size(self, digest: str) -> int | None:
+        """The size of a committed blob, or None on a miss."""
+        return self.store.size(digest)
+
+    def blob_fill(self, route: Route, digest: str) -> tuple[Fill, int]:
+        """Join (or start) the fill of a missing blob; the descriptor reads its spool."""
+        upstream = self.upstreams[route.upstream.name]
+        return self.fills.join(digest, lambda: upstream.blob(route.name, digest))
+
+    async def blob_head(self, route: Route, digest: str) -> int:
+        """The size of a blob, asking the upstream for a HEAD (never a body) on a miss."""
+        size = self.store.size(digest)
+        if size is not None:
+            return size
+        fill = self.fills.active.get(digest)
+        if fill is not None and fill.size is not None:
+            return fill.size
+        upstream = self.upstreams[route.upstream.name]
+        answer = await upstream.fetch("HEAD", f"/v2/{route.name}/blobs/{digest}",
+                                      name=route.name, not_found=BlobUnknown)
+        length = answer.headers.get("Content-Length", "")
+        if not length.isdigit():
+            raise Unavailable(f"upstream {upstream.name} sent no Content-Length for {digest}")
+        return int(length)
+
+    # Tag lists and referrers.
+    async def tags(self, route: Route) -> list[str]:
+        cached = self.index.tag_list(route.key)
+        if cached is not None and time.time() - cached[1] < route.upstream.tag_ttl:
+            return cached[0]
+        try:
+            return await self._flights.run(("tags", route.key), lambda: self._fetch_tags(route))
+        except (Unavailable, TooManyRequests) as e:
+            if cached is None:
+                raise
+            log.warning("serving the tag list of %s stale: %s", route.key, e.message)
+            return cached[0]
+
+    async def _fetch_tags(self, route: Route) -> list[str]:
+        """The upstream's whole tag list, following its own pagination; we paginate locally."""
+        upstream = self.upstreams[route.upstream.name]
+        path, tags = f"/v2/{route.name}/tags/list", set()
+        for _ in range(MAX_TAG_PAGES):
+            answer = await upstream.fetch("GET", path, name=route.name, not_found=NameUnknown)
+            try:
+                page = json.loads(answer.body).get("tags") or []
+            except (ValueError, AttributeError):
+                raise Unavailable(f"upstream {upstream.name} sent an unreadable tag list") from None
+            tags.update(t for t in page if isinstance(t, str))
+            path = _next_link(answer, f"/v2/{route.name}/tags/list")
+            if path is None:
+                break
+        result = sorted(tags)
+        self.index.put_tag_list(route.key, result)
+        self.index.add_repository(self.catalog_name(route))
+        return result
+
+    async def referrers(self, route: Route, digest: str, artifact_type: str | None) -> Answer:
+        upstream = self.upstreams[route.upstream.name]
+        path = f"/v2/{route.name}/referrers/{digest}"
+        if artifact_type is not None:
+            path += "?" + urlencode({"artifactType": artifact_type})
+        return await upstream.fetch("GET", path, name=route.name, not_found=ManifestUnknown,
+                                    accept=[OCI_INDEX])
+
+    def catalog_name(self, route: Route) -> str:
+        """The name a client pulls this repository back by: prefixed unless default."""
+        return route.name if route.upstream.default else f"{route.upstream.name}/{route.name}"
+
+
+def _media_type(answer: Answer) -> str:
+    media_type = answer.headers.get("Content-Type", "").split(";")[0].strip()
+    if media_type and media_type not in ("application/json", "text/plain"):
+        return media_type
+    try:  # an upstream that sends no useful Content-Type: the manifest says what it is
+        document = json.loads(answer.body)
+        declared = document.get("mediaType")
+        if isinstance(declared, str):
+            return declared
+        if document.get("schemaVersion") == 1:
+            return DOCKER_SCHEMA1_SIGNED if "signatures" in document else DOCKER_SCHEMA1
+    except (ValueError, AttributeError):
+        pass
+    return media_type or OCI_MANIFEST
+
+
+def _next_link(answer: Answer, expected_path: str) -> str | None:
+    """The path of an upstream's `Link: <...>; rel="next"`, if it stays on the same list."""
+    link = answer.headers.get("Link", "")
+    if 'rel="next"' not in link or "<" not in link:
+        return None
+    target = link[link.index("<") + 1:link.index(">")]
+    if "://" in target:
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    return target if target.split("?")[0] == expected_path else None

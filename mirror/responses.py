@@ -1,0 +1,120 @@
+"""Blob responses: a committed file by sendfile, multi-range as multipart/byteranges, and a
+fill streamed to the client as it grows.
+
+Ranges follow RFC 9110 section 14: Docker and containerd resume with `bytes=N-` and need
+206 with `Content-Range: bytes N-E/SIZE`; podman's zstd:chunked sends several ranges and
+must never get 416 for them (aiohttp's FileResponse would answer 416), so we answer those
+with a real `multipart/byteranges` 206.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from .errors import RangeInvalid
+from .fill import Fill
+
+RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
+MAX_RANGES = 64
+READ_CHUNK = 1 << 20
+
+
+def parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
+    """[start, end) pairs for a Range header; None means "ignore it, send everything"."""
+    unit, _, specs = header.partition("=")
+    if unit.strip().lower() != "bytes" or not specs:
+        return None  # RFC 9110: an unknown range unit is ignored
+    ranges = []
+    for spec in specs.split(","):
+        m = RANGE_SPEC.fullmatch(spec)
+        if not m or (not m.group(1) and not m.group(2)):
+            return None  # a malformed Range is ignored as well
+        first, last = m.group(1), m.group(2)
+        if first:
+            start = int(first)
+            end = min(int(last) + 1, size) if last else size
+            if last and int(last) < start:
+                return None
+        else:
+            start, end = max(size - int(last), 0), size
+        if start < end:
+            ranges.append((start, end))
+    if not ranges:
+        raise RangeInvalid(f"no requested range lies within the blob's {size} bytes",
+                           headers={"Content-Range": f"bytes */{size}"})
+    return ranges[:MAX_RANGES]
+
+
+async def file_response(request: web.Request, path: Path, size: int,
+                        headers: dict[str, str]) -> web.StreamResponse:
+    """A committed blob. One range or none: FileResponse and the kernel's sendfile."""
+    range_header = request.headers.get("Range")
+    if range_header and "," in range_header:
+        ranges = parse_ranges(range_header, size)
+        if ranges is not None and len(ranges) > 1:
+            return await _multipart(request, path, size, ranges, headers)
+    if range_header:
+        parse_ranges(range_header, size)  # raises RangeInvalid as OCI JSON; FileResponse would not
+    return web.FileResponse(path, headers=headers)
+
+
+async def _multipart(request: web.Request, path: Path, size: int, ranges: list[tuple[int, int]],
+                     headers: dict[str, str]) -> web.StreamResponse:
+    boundary = uuid.uuid4().hex
+    parts = [(f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+              f"Content-Range: bytes {start}-{end - 1}/{size}\r\n\r\n").encode()
+             for start, end in ranges]
+    closing = f"--{boundary}--\r\n".encode()
+    length = sum(len(p) + (end - start) + 2 for p, (start, end) in zip(parts, ranges))
+    response = web.StreamResponse(status=206, headers={
+        **headers, "Content-Type": f"multipart/byteranges; boundary={boundary}",
+        "Content-Length": str(length + len(closing))})
+    await response.prepare(request)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for part, (start, end) in zip(parts, ranges):
+            await response.write(part)
+            while start < end:
+                data = os.pread(fd, min(READ_CHUNK, end - start), start)
+                if not data:
+                    raise OSError(f"{path} is shorter than {end} bytes")
+                start += len(data)
+                await response.write(data)
+            await response.write(b"\r\n")
+        await response.write(closing)
+    finally:
+        os.close(fd)
+    return response
+
+
+async def fill_response(request: web.Request, fill: Fill, fd: int,
+                        headers: dict[str, str]) -> web.StreamResponse:
+    """A blob still arriving from upstream, streamed from the spool as its bytes exist.
+
+    If the fill fails after the headers went out, the exception closes the connection
+    before Content-Length bytes were sent: the client sees a short body, never a whole one.
+    """
+    try:
+        await fill.started()
+        status, start, end = 200, 0, fill.size
+        range_header = request.headers.get("Range")
+        if range_header and fill.size is not None:
+            ranges = parse_ranges(range_header, fill.size)
+            # Several ranges of a blob still arriving: the whole blob (200) is a valid answer.
+            if ranges is not None and len(ranges) == 1:
+                status, (start, end) = 206, ranges[0]
+                headers = {**headers, "Content-Range": f"bytes {start}-{end - 1}/{fill.size}"}
+        response = web.StreamResponse(status=status, headers=headers)
+        if end is not None:
+            response.content_length = end - start
+        await response.prepare(request)
+        async for data in fill.read(fd, start, end):
+            await response.write(data)
+        return response
+    finally:
+        os.close(fd)
