@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install what the tests need on a fresh Debian/Ubuntu machine, then run them.
+#   - Debian packages: docker-registry (the real upstream), skopeo and containerd (real
+#     clients), python3-venv; installed only when missing, with sudo when not root.
+#   - Python packages: into .venv (created if missing), the project with its test extras.
+# Extra arguments go to pytest: scripts/test.sh -k blobs -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v ctr >/dev/null || need+=(containerd)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if ((${#need[@]})); then
+  echo "==> installing Debian packages: ${need[*]}"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  python3 -m venv .venv
+fi
+echo "==> installing mirror and its test dependencies into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "==> running the tests"
+exec .venv/bin/python -m pytest "$@"
