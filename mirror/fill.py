@@ -7,7 +7,8 @@ file descriptor, waiting only for bytes that do not exist yet; so time to first 
 close to the upstream's and the upstream is read once. The blob is committed (fsync, then
 atomic rename into the BlobStore) only when its size and digest check out.
 
-A reader leaving never stops the fill. When the fill fails (upstream cut, wrong digest,
+A reader leaving never stops the fill. The last byte of the blob reaches readers only
+after the digest checked out. When the fill fails (upstream cut, wrong digest,
 stall), every reader raises `FillFailed` after the bytes it has sent, so a response whose
 Content-Length was promised ends short and no client takes it for a whole blob.
 """
@@ -49,6 +50,7 @@ class Fill:
         self.size: int | None = None
         self.written = 0
         self.done = False
+        self.verified = False
         self.committed = False
         self.error: RegistryError | None = None
         self._open_body = open_body
@@ -97,6 +99,8 @@ class Fill:
         if f"{algorithm}:{hasher.hexdigest()}" != self.digest:
             raise Unavailable(f"upstream sent bytes that do not match {self.digest}; not stored")
         self.size = self.written
+        self.verified = True
+        self._wake()
         await asyncio.get_running_loop().run_in_executor(None, os.fsync, self._fd)
         self.store.commit(self.spool, self.digest)
         self.committed = True
@@ -119,12 +123,15 @@ class Fill:
         """
         offset = start
         while end is None or offset < end:
-            available = self.written if end is None else min(self.written, end)
+            # The blob's last byte is held back until the digest checked out: a client
+            # never receives a complete body of bytes that turn out to be wrong.
+            readable = self.written if self.verified else max(self.written - 1, 0)
+            available = readable if end is None else min(readable, end)
             if offset < available:
                 data = os.pread(fd, min(READ_CHUNK, available - offset), offset)
                 offset += len(data)
                 yield data
-            elif self.done:
+            elif self.done or (self.verified and end is None):
                 if self.error is not None:
                     raise FillFailed(self.error.message)
                 if end is not None and offset < end:

@@ -1,0 +1,114 @@
+"""Fixtures: a real upstream (session-wide, tests/support) and mirrors started against it.
+
+`mirror` starts the application on a real 127.0.0.1 socket in the test's event loop, with
+two upstreams that both lead to the test registry through the counting, fault-injecting
+proxy: `docker.io` (the default, aliases `hub`) and `quay.io` (alias `quay`), so routing by
+default, `ns` and prefix can all be observed. `start_mirror` makes more (restarts, other TTLs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from mirror import config as cfg
+from mirror.app import make_app
+from mirror.keys import PROXY
+
+pytest_plugins = ["tests.support.fixtures"]
+
+
+@dataclass
+class Mirror:
+    url: str
+    host: str  # host:port, as clients write it in image references
+    config: cfg.Config
+    server: TestServer
+
+    @property
+    def root(self) -> Path:
+        return Path(self.config.storage.root)
+
+    @property
+    def proxy(self):
+        """The running mirror's cache policy object, to observe fills in flight."""
+        return self.server.app[PROXY]
+
+    def blob_files(self) -> list[Path]:
+        return [p for p in (self.root / "blobs").rglob("*") if p.is_file()]
+
+
+def mirror_config(root: Path, upstream_url: str, **overrides) -> cfg.Config:
+    ttl = overrides.pop("tag_ttl", 300.0)
+    limits = cfg.Limits(**overrides.pop("limits", {}))
+    return cfg.Config(
+        server=cfg.Server(listen="127.0.0.1:0"),
+        storage=cfg.Storage(root=str(root)),
+        limits=limits,
+        upstreams=(
+            cfg.Upstream("docker.io", upstream_url, default=True, aliases=("hub",), tag_ttl=ttl),
+            cfg.Upstream("quay.io", upstream_url, aliases=("quay",), tag_ttl=ttl),
+        ),
+        **overrides)
+
+
+@pytest.fixture
+async def start_mirror(tmp_path, upstream):
+    servers: list[TestServer] = []
+
+    async def start(root: Path | None = None, url: str | None = None, **overrides) -> Mirror:
+        config = mirror_config(root or tmp_path / "data", url or upstream.url, **overrides)
+        server = TestServer(make_app(config), host="127.0.0.1", port=0)
+        await server.start_server()
+        servers.append(server)
+        host = f"127.0.0.1:{server.port}"
+        return Mirror(f"http://{host}", host, config, server)
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def mirror(start_mirror) -> Mirror:
+    return await start_mirror()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def skopeo_copy(reference: str, dest: Path, *extra: str, arch: str | None = None) -> dict:
+    """skopeo copy docker://reference dir:dest; returns what it wrote, by digest."""
+    global_args = ["--override-arch", arch] if arch else []
+    proc = await asyncio.create_subprocess_exec(
+        "skopeo", *global_args, "copy", "--src-tls-verify=false", "--retry-times=0", *extra,
+        f"docker://{reference}", f"dir:{dest}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, f"skopeo failed: {err.decode()}"
+    manifest = (dest / "manifest.json").read_bytes()
+    files = {sha256(p.read_bytes()): p.read_bytes() for p in dest.iterdir()
+             if len(p.name) == 64}
+    return {"manifest": manifest, "digest": sha256(manifest), "blobs": files,
+            "parsed": json.loads(manifest)}
+
+
+def fetched(upstream, method: str | None = None, contains: str | None = None) -> int:
+    """Upstream requests that were answered with content, not with an auth challenge (401)."""
+    return sum(1 for r in upstream.proxy.records if r.status != 401
+               and (method is None or r.method == method)
+               and (contains is None or contains in r.path))

@@ -1,0 +1,84 @@
+"""`mirror serve` as a user runs it: a real process, a config file, one log line per request."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def serve(tmp_path):
+    procs = []
+
+    def start(config_text: str, *args: str) -> subprocess.Popen:
+        config = tmp_path / "mirror.toml"
+        config.write_text(config_text)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+        proc = subprocess.Popen([sys.executable, "-m", "mirror", "serve", "--config", str(config),
+                                 *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
+def wait_for(url: str, proc: subprocess.Popen, limit: float = 15.0) -> bytes:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.read()
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer within {limit}s")
+
+
+def test_serve_answers_ping_and_logs_each_request(serve, tmp_path):
+    port = free_port()
+    proc = serve(f'[server]\nlisten = "127.0.0.1:{port}"\n[storage]\nroot = "{tmp_path}/d"\n'
+                 '[[upstreams]]\nname = "docker.io"\nurl = "http://127.0.0.1:9"\ndefault = true\n')
+    assert wait_for(f"http://127.0.0.1:{port}/v2/", proc) == b"{}"
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=5).read()
+    proc.terminate()
+    out, _ = proc.communicate(timeout=10)
+    assert out.count('"GET /v2/ HTTP/1.1" 200') == 2, out
+    assert (tmp_path / "d" / "blobs").is_dir() and (tmp_path / "d" / "index").is_dir()
+
+
+def test_serve_refuses_a_bad_config_naming_the_key(serve):
+    proc = serve('[server]\nlisten = "127.0.0.1:5000"\nlistn = "typo"\n')
+    out, _ = proc.communicate(timeout=15)
+    assert proc.returncode != 0
+    assert "server.listn" in out and "Traceback" not in out
+
+
+def test_serve_runs_on_embedded_defaults_in_the_current_folder(tmp_path):
+    """No config at all: data goes to ./data, the default upstream is Docker Hub."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    port = free_port()
+    env["MIRROR_SERVER_LISTEN"] = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "mirror", "serve"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/v2/", proc) == b"{}"
+        assert (tmp_path / "data" / "blobs").is_dir()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert "docker.io=https://registry-1.docker.io (default)" in out
