@@ -30,7 +30,7 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
 def make_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[errors.middleware])
+    app = web.Application(middlewares=[errors.middleware, routes.refuse_hostile_paths])
     app[CONFIG] = config
     app[ROUTER] = Router(config.upstreams)
     app.cleanup_ctx.append(_resources)

@@ -8,11 +8,12 @@ Every route exists twice: as `/v2/...` and under an outer path prefix `/<prefix>
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import urlencode
 
 from aiohttp import web
 
-from .errors import PaginationInvalid, Unsupported
+from .errors import NameInvalid, PaginationInvalid, Unsupported
 from .fill import FillFailed
 from .keys import PROXY, ROUTER
 from .reference import Route, parse_digest, parse_name, parse_reference
@@ -32,6 +33,19 @@ def setup(app: web.Application) -> None:
         for method in ("PUT", "DELETE"):
             r.add_route(method, f"{base}/{{name:.+}}/manifests/{{reference}}", read_only)
         r.add_delete(f"{base}/{{name:.+}}/blobs/{{digest}}", read_only)
+
+
+# yarl resolves dot segments and decodes %2e / %2f before routing, which would turn
+# /v2/%2e%2e/x into another path; no valid name contains them, so the raw path is refused.
+RAW_PATH_HOSTILE = re.compile(r"%2[eEfF]|%5[cC]|/\.{1,2}(?=/|$)|\\")
+
+
+@web.middleware
+async def refuse_hostile_paths(request: web.Request, handler):
+    if RAW_PATH_HOSTILE.search(request.raw_path.partition("?")[0]):
+        raise NameInvalid("the path contains dot segments or encoded separators, which no "
+                          "repository name may contain")
+    return await handler(request)
 
 
 def route(request: web.Request) -> Route:
@@ -81,16 +95,18 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 async def tags_list(request: web.Request) -> web.Response:
     target = route(request)
+    count = _page_size(request)
     tags = await request.app[PROXY].tags(target)
-    page, link = _paginate(request, tags)
+    page, link = _paginate(request, tags, count)
     return _json({"name": request.match_info["name"], "tags": page}, link)
 
 
 async def catalog(request: web.Request) -> web.Response:
     if "prefix" in request.match_info:
         request.app[ROUTER].upstream_for_prefix(request.match_info["prefix"])
+    count = _page_size(request)
     names = request.app[PROXY].index.repository_names()
-    page, link = _paginate(request, names)
+    page, link = _paginate(request, names, count)
     return _json({"repositories": page}, link)
 
 
@@ -111,20 +127,28 @@ async def read_only(request: web.Request) -> web.Response:
                       "upstream registry through this pull-through cache, which is read-only")
 
 
-def _paginate(request: web.Request, items: list[str]) -> tuple[list[str], str | None]:
+def _page_size(request: web.Request) -> int | None:
+    """The `n` of a paginated list, checked before anything is fetched."""
+    n = request.query.get("n")
+    if n is None:
+        return None
+    if not n.isdigit():
+        raise PaginationInvalid(f"n must be a whole number, not {n[:50]!r}")
+    return int(n)
+
+
+def _paginate(request: web.Request, items: list[str],
+              count: int | None) -> tuple[list[str], str | None]:
     """One page of a sorted list by `n` and `last` (exclusive), and the Link to the next one.
 
     The Link keeps the path the client used (its prefix) and its `ns`, so following it
     routes exactly like the first request did.
     """
-    last, n = request.query.get("last"), request.query.get("n")
+    last = request.query.get("last")
     if last is not None:
         items = [item for item in items if item > last]
-    if n is None:
+    if count is None:
         return items, None
-    if not n.isdigit():
-        raise PaginationInvalid(f"n must be a whole number, not {n[:50]!r}")
-    count = int(n)
     page = items[:count]
     if count == 0 or len(items) <= count:
         return page, None

@@ -88,7 +88,7 @@ class FaultProxy:
                 auto_decompress=False,  # bytes pass through as the registry sent them
                 connector=aiohttp.TCPConnector(limit=0),  # never the bottleneck in a test
                 cookie_jar=aiohttp.DummyCookieJar(),
-                # Add no header the client did not send (aiohttp would add these itself).
+                # None of the default headers aiohttp would add of its own accord.
                 skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
             await self._listen()
