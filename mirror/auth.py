@@ -12,6 +12,7 @@ paying a 401 round trip each.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import re
@@ -90,17 +91,19 @@ class Authenticator:
         self.basic = False
         self._flights = Flights()
 
-    def _credentials(self) -> aiohttp.BasicAuth | None:
+    def _credentials(self) -> str | None:
+        """The Basic Authorization value of the configured credentials, if any."""
         if self.upstream.username is None:
             return None
-        return aiohttp.BasicAuth(self.upstream.username, self.upstream.secret() or "")
+        pair = f"{self.upstream.username}:{self.upstream.secret() or ''}"
+        return "Basic " + base64.b64encode(pair.encode()).decode()
 
     async def header(self, scope: str) -> str | None:
         """The Authorization header to send up front, when the upstream has challenged before."""
         if self.bearer is not None:
             return f"Bearer {await self.token(scope)}"
         if self.basic and (creds := self._credentials()):
-            return creds.encode()
+            return creds
         return None
 
     async def answer(self, challenges: list[Challenge], scope: str) -> str | None:
@@ -113,7 +116,7 @@ class Authenticator:
         for challenge in challenges:
             if challenge.scheme == "basic" and (creds := self._credentials()):
                 self.basic = True
-                return creds.encode()
+                return creds
         return None
 
     def _key(self, scope: str) -> str:
@@ -132,8 +135,9 @@ class Authenticator:
         if "service" in self.bearer.params:
             query["service"] = self.bearer.params["service"]
         creds = self._credentials() if same_site(realm, self.upstream.url) else None
+        headers = {"Authorization": creds} if creds else {}
         try:
-            async with self.session.get(realm, params=query, auth=creds,
+            async with self.session.get(realm, params=query, headers=headers,
                                         timeout=self.timeout) as resp:
                 if resp.status in (401, 403):
                     raise Denied(f"the token service of upstream {self.upstream.name} refused "

@@ -48,15 +48,12 @@ class Mirror:
 def mirror_config(root: Path, upstream_url: str, **overrides) -> cfg.Config:
     ttl = overrides.pop("tag_ttl", 300.0)
     limits = cfg.Limits(**overrides.pop("limits", {}))
-    return cfg.Config(
-        server=cfg.Server(listen="127.0.0.1:0"),
-        storage=cfg.Storage(root=str(root)),
-        limits=limits,
-        upstreams=(
-            cfg.Upstream("docker.io", upstream_url, default=True, aliases=("hub",), tag_ttl=ttl),
-            cfg.Upstream("quay.io", upstream_url, aliases=("quay",), tag_ttl=ttl),
-        ),
-        **overrides)
+    upstreams = overrides.pop("upstreams", (
+        cfg.Upstream("docker.io", upstream_url, default=True, aliases=("hub",), tag_ttl=ttl),
+        cfg.Upstream("quay.io", upstream_url, aliases=("quay",), tag_ttl=ttl),
+    ))
+    return cfg.Config(server=cfg.Server(listen="127.0.0.1:0"), storage=cfg.Storage(root=str(root)),
+                      limits=limits, upstreams=upstreams, **overrides)
 
 
 @pytest.fixture
