@@ -16,6 +16,7 @@ so handlers and policy code *raise* and never build an error response by hand:
     ├── Denied                    403 DENIED
     ├── TooManyRequests           429 TOOMANYREQUESTS (keeps the upstream's Retry-After)
     └── Unavailable               503 UNAVAILABLE     (upstream down, 5xx, timeout, bad bytes)
+        └── BodyBroken                                (a body broke off: what came is resumable)
 """
 
 from __future__ import annotations
@@ -108,3 +109,7 @@ async def middleware(request: web.Request, handler):
     except web.HTTPMethodNotAllowed as e:
         return Unsupported(f"{request.method} is not supported on {request.path}",
                            headers={"Allow": ",".join(sorted(e.allowed_methods))}).response()
+
+
+class BodyBroken(Unavailable):
+    """An upstream body broke off (cut, stall): the bytes before are good and resumable."""

@@ -5,56 +5,87 @@ hashed, and `written` grows. Any number of readers — the client that started t
 every client that comes later — read the spool file from their own offset with their own
 file descriptor, waiting only for bytes that do not exist yet; so time to first byte stays
 close to the upstream's and the upstream is read once. The blob is committed (fsync, then
-atomic rename into the BlobStore) only when its size and digest check out.
+atomic rename into the BlobStore) only when its size and digest check out, and the last
+byte of the blob reaches readers only after the digest checked out.
 
-A reader leaving never stops the fill. The last byte of the blob reaches readers only
-after the digest checked out. When the fill fails (upstream cut, wrong digest,
+A reader leaving never stops the fill. When the fill fails (upstream cut, wrong digest,
 stall), every reader raises `FillFailed` after the bytes it has sent, so a response whose
 Content-Length was promised ends short and no client takes it for a whole blob.
+
+Two failures are survivable:
+- A body that broke off (cut, stall) leaves a `Partial`: the spool and the hash state so
+  far. The next fill of that digest starts from it and asks the upstream for the rest
+  with `Range: bytes=N-`; its readers get the first N bytes at once.
+- A spool write that fails (disk full) does not fail the clients: the rest of the blob is
+  kept in memory (up to OVERFLOW_LIMIT) for the readers, and nothing is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 from contextlib import AbstractAsyncContextManager
-from typing import AsyncIterator, Callable, Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from .blobs import BlobStore
-from .errors import RegistryError, Unavailable
+from .errors import BodyBroken, RegistryError, Unavailable
 
 log = logging.getLogger("mirror")
 
 READ_CHUNK = 1 << 20
+# With the disk full, at most this much of one blob waits in memory for its readers.
+OVERFLOW_LIMIT = 256 << 20
+# Broken-off downloads kept for resuming; the oldest spool goes when there are more.
+MAX_PARTIALS = 32
 
 
 class Body(Protocol):
-    size: int | None
+    start: int  # the offset of the first byte the upstream sends (a Range may be ignored)
+    size: int | None  # the whole blob's size, when the upstream said
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
 
-Opener = Callable[[], AbstractAsyncContextManager[Body]]
+Opener = Callable[[int], AbstractAsyncContextManager[Body]]
 
 
 class FillFailed(Exception):
     """The fill a reader was following did not complete; its response must end short."""
 
 
+@dataclass
+class Partial:
+    spool: Path
+    written: int
+    hasher: Any  # hashlib object over the first `written` bytes
+
+
 class Fill:
-    def __init__(self, digest: str, store: BlobStore, open_body: Opener):
+    def __init__(self, digest: str, store: BlobStore, open_body: Opener,
+                 partial: Partial | None = None):
         self.digest = digest
         self.store = store
         self.size: int | None = None
-        self.written = 0
         self.done = False
         self.verified = False
         self.committed = False
         self.error: RegistryError | None = None
+        self.partial: Partial | None = None  # set when this fill broke off and can resume
         self._open_body = open_body
-        self._fd, self.spool = store.spool()
+        if partial is None:
+            self._fd, self.spool = store.spool()
+            self.written = 0
+            self._hasher = hashlib.new(digest.partition(":")[0])
+        else:
+            self.spool, self.written, self._hasher = partial.spool, partial.written, partial.hasher
+            self._fd = os.open(self.spool, os.O_WRONLY | os.O_APPEND)
+        self.on_disk = self.written  # bytes in the spool; the rest overflowed to memory
+        self._overflow = bytearray()
         self._started = asyncio.get_running_loop().create_future()
         self._progress = asyncio.Event()
 
@@ -69,9 +100,13 @@ class Fill:
     async def run(self) -> None:
         try:
             await self._download()
+        except BodyBroken as e:
+            if self.on_disk == self.written and self.written > 0:
+                self.partial = Partial(self.spool, self.written, self._hasher)
+            self._fail(e)
         except RegistryError as e:
             self._fail(e)
-        except Exception as e:  # an OSError (disk full) or a bug must not hang the readers
+        except Exception as e:  # a bug must not hang the readers
             log.exception("fill of %s failed", self.digest)
             self._fail(Unavailable(f"fetching {self.digest} failed: {e}"))
         finally:
@@ -79,31 +114,58 @@ class Fill:
             if not self.committed:
                 if self.error is None:  # cancelled: the service is stopping
                     self._fail(Unavailable(f"fetching {self.digest} was cancelled"))
-                self.spool.unlink(missing_ok=True)
+                if self.partial is None:
+                    self.spool.unlink(missing_ok=True)
             self.done = True
             self._wake()
 
     async def _download(self) -> None:
-        algorithm = self.digest.partition(":")[0]
-        hasher = hashlib.new(algorithm)
-        async with self._open_body() as body:
+        resume_at = self.written
+        async with self._open_body(resume_at) as body:
             self.size = body.size
             self._started.set_result(None)
+            if resume_at:
+                log.info("resuming %s at byte %d (upstream %s)", self.digest, resume_at,
+                         "honoured the Range" if body.start == resume_at else "sent it all")
+            skip = resume_at - body.start  # bytes we have, sent again by an upstream without Range
             async for chunk in body.chunks():
-                _write_all(self._fd, chunk)
-                hasher.update(chunk)
-                self.written += len(chunk)
-                self._wake()
+                if skip > 0:
+                    chunk, skip = chunk[skip:], skip - min(skip, len(chunk))
+                    if not chunk:
+                        continue
+                self._append(chunk)
         if self.size is not None and self.written != self.size:
-            raise Unavailable(f"upstream sent {self.written} of {self.size} bytes of {self.digest}")
-        if f"{algorithm}:{hasher.hexdigest()}" != self.digest:
+            raise BodyBroken(f"upstream sent {self.written} of {self.size} bytes of {self.digest}")
+        if f"{self.digest.partition(':')[0]}:{self._hasher.hexdigest()}" != self.digest:
             raise Unavailable(f"upstream sent bytes that do not match {self.digest}; not stored")
         self.size = self.written
         self.verified = True
         self._wake()
+        if self.on_disk != self.written:
+            log.warning("%s was served from memory; not stored, the disk is full", self.digest)
+            return
         await asyncio.get_running_loop().run_in_executor(None, os.fsync, self._fd)
         self.store.commit(self.spool, self.digest)
         self.committed = True
+
+    def _append(self, chunk: bytes) -> None:
+        if self.on_disk == self.written:  # still spooling to disk
+            try:
+                _write_all(self._fd, chunk)
+                self.on_disk += len(chunk)
+            except OSError as e:
+                # Disk full (or failing): the readers still get their bytes, from memory.
+                log.error("cannot spool %s at byte %d: %s; keeping the rest in memory and "
+                          "storing nothing", self.digest, self.on_disk, e.strerror)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self.on_disk)  # no half-written chunk on disk
+        if self.on_disk < self.written + len(chunk):  # this chunk did not reach the disk
+            if len(self._overflow) + len(chunk) > OVERFLOW_LIMIT:
+                raise Unavailable(f"no disk space to spool {self.digest}")
+            self._overflow += chunk
+        self._hasher.update(chunk)
+        self.written += len(chunk)
+        self._wake()
 
     def _fail(self, error: RegistryError) -> None:
         self.error = error
@@ -128,7 +190,12 @@ class Fill:
             readable = self.written if self.verified else max(self.written - 1, 0)
             available = readable if end is None else min(readable, end)
             if offset < available:
-                data = os.pread(fd, min(READ_CHUNK, available - offset), offset)
+                count = min(READ_CHUNK, available - offset)
+                if offset < self.on_disk:
+                    data = os.pread(fd, min(count, self.on_disk - offset), offset)
+                else:
+                    at = offset - self.on_disk
+                    data = bytes(self._overflow[at:at + count])
                 offset += len(data)
                 yield data
             elif self.done or (self.verified and end is None):
@@ -148,11 +215,12 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class Fills:
-    """The fills in flight, one per digest."""
+    """The fills in flight, one per digest, and the broken-off ones waiting to resume."""
 
     def __init__(self, store: BlobStore):
         self.store = store
         self.active: dict[str, Fill] = {}
+        self.partials: dict[str, Partial] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def join(self, digest: str, open_body: Opener) -> tuple[Fill, int]:
@@ -163,7 +231,7 @@ class Fills:
         """
         fill = self.active.get(digest)
         if fill is None:
-            fill = Fill(digest, self.store, open_body)
+            fill = Fill(digest, self.store, open_body, self.partials.pop(digest, None))
             self.active[digest] = fill
             task = asyncio.ensure_future(self._run(fill))
             self._tasks.add(task)
@@ -175,6 +243,14 @@ class Fills:
             await fill.run()
         finally:
             del self.active[fill.digest]
+            if fill.partial is not None:
+                self._keep(fill.digest, fill.partial)
+
+    def _keep(self, digest: str, partial: Partial) -> None:
+        self.partials[digest] = partial
+        while len(self.partials) > MAX_PARTIALS:
+            oldest = next(iter(self.partials))
+            self.partials.pop(oldest).spool.unlink(missing_ok=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -13,6 +13,8 @@ warm manifest request does no disk read at all. Blobs are not here: they are fil
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from pathlib import Path
 import diskcache
 
 from .memory import Memory
+
+log = logging.getLogger("mirror")
 
 HOT_MANIFEST_BYTES = 32 << 20
 HOT_TAG_SECONDS = 3600
@@ -61,8 +65,15 @@ class Index:
         return found
 
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
-        self.db.set(f"m:{digest}", (media_type, body))
+        self._set(f"m:{digest}", (media_type, body))
         self._remember(digest, (media_type, body))
+
+    def _set(self, key: str, value: object) -> None:
+        """Store durably if the disk lets us; a full disk must not fail the client's request."""
+        try:
+            self.db.set(key, value)
+        except (OSError, sqlite3.Error) as e:
+            log.error("cannot store %s in the index: %s", key.partition(":")[2] or key, e)
 
     def _remember(self, digest: str, value: tuple[str, bytes]) -> None:
         if digest in self._hot:
@@ -86,7 +97,7 @@ class Index:
     async def put_tag(self, repository: str, tag: str, accept_class: str,
                       record: TagRecord) -> None:
         key = f"t:{repository}:{tag}:{accept_class}"
-        self.db.set(key, record)
+        self._set(key, record)
         await self.memory.set(key, record, ttl=HOT_TAG_SECONDS)
 
     async def drop_tag(self, repository: str, tag: str, accept_class: str) -> None:
@@ -99,12 +110,15 @@ class Index:
         return self.db.get(f"l:{repository}")
 
     def put_tag_list(self, repository: str, tags: list[str]) -> None:
-        self.db.set(f"l:{repository}", (tags, time.time()))
+        self._set(f"l:{repository}", (tags, time.time()))
 
     # The catalog: repository names as a client would pull them back.
     def add_repository(self, name: str) -> None:
         if name not in self.repositories:
-            self.repositories.set(name, time.time())
+            try:
+                self.repositories.set(name, time.time())
+            except (OSError, sqlite3.Error) as e:
+                log.error("cannot add %s to the catalog: %s", name, e)
 
     def repository_names(self) -> list[str]:
         return sorted(self.repositories.iterkeys())

@@ -172,7 +172,7 @@ class Proxy:
     def blob_fill(self, route: Route, digest: str) -> tuple[Fill, int]:
         """Join (or start) the fill of a missing blob; the descriptor reads its spool."""
         upstream = self.upstreams[route.upstream.name]
-        return self.fills.join(digest, lambda: upstream.blob(route.name, digest))
+        return self.fills.join(digest, lambda start: upstream.blob(route.name, digest, start))
 
     async def blob_head(self, route: Route, digest: str) -> int:
         """The size of a blob, asking the upstream for a HEAD (never a body) on a miss."""

@@ -27,7 +27,7 @@ from yarl import URL
 
 from . import config as cfg
 from .auth import Authenticator, parse_challenges
-from .errors import BlobUnknown, Denied, RegistryError, TooManyRequests, Unavailable
+from .errors import BlobUnknown, BodyBroken, Denied, RegistryError, TooManyRequests, Unavailable
 from .memory import Memory
 
 log = logging.getLogger("mirror")
@@ -42,6 +42,7 @@ USER_AGENT = "mirror/0.1 (pull-through registry cache)"
 class Body:
     """A streaming upstream blob body, as fill.Fill reads it."""
 
+    start: int
     size: int | None
     response: aiohttp.ClientResponse
 
@@ -50,7 +51,7 @@ class Body:
             async for chunk in self.response.content.iter_chunked(BODY_CHUNK):
                 yield chunk
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise Unavailable(f"upstream body broke off: {e.__class__.__name__} {e}") from e
+            raise BodyBroken(f"upstream body broke off: {e.__class__.__name__} {e}") from e
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Upstream:
 
     @asynccontextmanager
     async def open(self, method: str, path: str, *, name: str, not_found: type[RegistryError],
-                   accept: list[str] = (), stream: bool = False
+                   accept: list[str] = (), stream: bool = False, headers: dict | None = None
                    ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send one request for repository `name`; yield the successful response."""
         # Per-upstream slot first: a busy upstream must not sit on global slots others need.
@@ -92,7 +93,7 @@ class Upstream:
                 log.info("upstream %s asked to slow down; waiting %.1fs", self.name, pause)
                 await asyncio.sleep(pause)
             try:
-                resp = await self._send(method, path, name, accept, stream)
+                resp = await self._send(method, path, name, accept, stream, headers or {})
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
                 self.last_error = f"{e.__class__.__name__} {e}"
                 raise Unavailable(f"upstream {self.name} is unreachable: {self.last_error}") from e
@@ -115,15 +116,22 @@ class Upstream:
             return Answer(r.status, r.headers, body)
 
     @asynccontextmanager
-    async def blob(self, name: str, digest: str) -> AsyncIterator[Body]:
+    async def blob(self, name: str, digest: str, start: int = 0) -> AsyncIterator[Body]:
+        """Stream a blob; from byte `start` on when the upstream honours a Range."""
+        headers = {"Range": f"bytes={start}-"} if start else {}
         async with self.open("GET", f"/v2/{name}/blobs/{digest}", name=name,
-                             not_found=BlobUnknown, stream=True) as resp:
-            yield Body(resp.content_length, resp)
+                             not_found=BlobUnknown, stream=True, headers=headers) as resp:
+            if resp.status == 206:
+                first, total = _content_range(resp.headers.get("Content-Range", ""))
+                yield Body(first, total, resp)
+            else:
+                yield Body(0, resp.content_length, resp)
 
     async def _send(self, method: str, path: str, name: str, accept: list[str],
-                    stream: bool) -> aiohttp.ClientResponse:
+                    stream: bool, extra: dict[str, str]) -> aiohttp.ClientResponse:
         scope = f"repository:{name}:pull"
         headers = CIMultiDict([("Accept", a) for a in accept])
+        headers.update(extra)
         headers["Accept-Encoding"] = "identity"
         headers["User-Agent"] = USER_AGENT
         if authorization := await self.auth.header(scope):
@@ -179,3 +187,14 @@ class Upstream:
                                   headers={"Retry-After": retry_after or "1"})
         self.last_error = f"HTTP {status}"
         raise Unavailable(f"upstream {self.name} answered {status} for {name}")
+
+
+def _content_range(value: str) -> tuple[int, int | None]:
+    """(first byte, total size) of `Content-Range: bytes FIRST-LAST/TOTAL`."""
+    try:
+        _, _, spec = value.partition(" ")
+        span, _, total = spec.partition("/")
+        first = int(span.partition("-")[0])
+        return first, (int(total) if total.isdigit() else None)
+    except ValueError:
+        raise Unavailable(f"upstream sent an unreadable Content-Range: {value[:100]!r}") from None

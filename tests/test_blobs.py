@@ -1,6 +1,8 @@
 """Blobs: Range and multi-range, HEAD, one shared verified fill, and nothing bad ever stored."""
 
 import asyncio
+import os
+import subprocess
 
 import aiohttp
 import pytest
@@ -165,15 +167,23 @@ async def test_corrupt_upstream_bytes_are_never_stored_or_delivered_whole(mirror
     assert fetched(upstream, "GET", digest) == 2
 
 
-async def test_upstream_cut_mid_body_ends_every_reader_short(mirror, http, upstream, big):
+async def test_upstream_cut_mid_body_ends_every_reader_short_then_resumes(mirror, http,
+                                                                         upstream, big):
     digest, data = big
     await authorized(mirror, http, digest)
     upstream.proxy.cut(at=MiB, match=digest, times=1)
     results = await asyncio.gather(*(read_short(http, blob_url(mirror, digest)) for _ in range(3)))
     assert all(received <= MiB < promised for received, promised in results)
-    assert mirror.blob_files() == [] and list((mirror.root / "tmp").iterdir()) == []
+    assert mirror.blob_files() == []
+    # The bytes that did arrive are kept, so the next request asks only for the rest.
     status, _, body = await get(http, blob_url(mirror, digest))
     assert (status, body) == (200, data)
+    gets = [r for r in upstream.proxy.records if r.method == "GET" and digest in r.path]
+    assert [r.status for r in gets] == [200, 206]
+    assert gets[1].sent == len(data) - MiB
+    await committed(mirror, digest)
+    assert [p.read_bytes() for p in mirror.blob_files()] == [data]
+    assert list((mirror.root / "tmp").iterdir()) == []
 
 
 async def test_stalled_upstream_is_aborted_by_the_progress_watchdog(start_mirror, http, upstream,
@@ -192,3 +202,27 @@ async def test_stalled_upstream_is_aborted_by_the_progress_watchdog(start_mirror
 async def test_unknown_blob_is_blob_unknown(mirror, http, upstream):
     status, _, body = await get(http, blob_url(mirror, "sha256:" + "0" * 64))
     assert status == 404 and b'"BLOB_UNKNOWN"' in body
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB filesystem: too small for the 3 MiB layer."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; CI runs as root")
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(root)], check=True)
+    yield root
+    subprocess.run(["umount", "-l", str(root)], check=True)
+
+
+async def test_disk_full_while_filling_still_serves_clients_and_stores_nothing(
+        start_mirror, http, upstream, big, small_disk, caplog):
+    mirror = await start_mirror(root=small_disk)
+    digest, data = big
+    bodies = await asyncio.gather(*(get(http, blob_url(mirror, digest)) for _ in range(3)))
+    assert all(status == 200 and body == data for status, _, body in bodies)
+    await committed(mirror, digest)
+    assert mirror.blob_files() == [] and list((small_disk / "tmp").iterdir()) == []
+    assert "keeping the rest in memory" in caplog.text
+    assert fetched(upstream, "GET", digest) == 1
