@@ -106,12 +106,19 @@ class Authenticator:
             return creds
         return None
 
-    async def answer(self, challenges: list[Challenge], scope: str) -> str | None:
-        """The Authorization header that answers a 401's challenges, or None if none can."""
+    async def answer(self, challenges: list[Challenge], scope: str,
+                     sent: str | None) -> str | None:
+        """The Authorization header that answers a 401's challenges, or None if none can.
+
+        `sent` is what the refused request carried: a token is fetched anew only if the
+        refused one is still the cached one, so a burst of first requests (all refused for
+        carrying nothing) shares one token fetch.
+        """
         for challenge in challenges:
             if challenge.scheme == "bearer" and "realm" in challenge.params:
                 self.bearer = challenge
-                await self.memory.delete(self._key(scope))
+                if sent is not None and sent == f"Bearer {await self.memory.get(self._key(scope))}":
+                    await self.memory.delete(self._key(scope))
                 return f"Bearer {await self.token(scope)}"
         for challenge in challenges:
             if challenge.scheme == "basic" and (creds := self._credentials()):

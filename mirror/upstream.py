@@ -142,7 +142,8 @@ class Upstream:
         if resp.status == 401:
             challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
             resp.release()
-            authorization = await self.auth.answer(challenges, scope)
+            authorization = await self.auth.answer(challenges, scope,
+                                                   headers.get("Authorization"))
             if authorization is None:
                 return resp
             headers["Authorization"] = authorization
