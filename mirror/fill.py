@@ -178,34 +178,34 @@ class Fill:
         self._progress.set()
         self._progress = asyncio.Event()
 
-    async def read(self, fd: int, start: int, end: int | None) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the blob from `fd` as they arrive (end None: to the end).
+    async def readable(self, offset: int, end: int | None) -> int:
+        """Wait until bytes past `offset` exist; return where the readable bytes end (at
+        most `end`), or `offset` itself when the blob is complete up to there.
 
-        The caller owns `fd` and closes it.
+        The blob's last byte is held back until the digest checked out: a client never
+        receives a complete body of bytes that turn out to be wrong. Raises FillFailed
+        when the fill ended before `end` (or before the blob's end).
         """
-        offset = start
-        while end is None or offset < end:
-            # The blob's last byte is held back until the digest checked out: a client
-            # never receives a complete body of bytes that turn out to be wrong.
-            readable = self.written if self.verified else max(self.written - 1, 0)
-            available = readable if end is None else min(readable, end)
-            if offset < available:
-                count = min(READ_CHUNK, available - offset)
-                if offset < self.on_disk:
-                    data = os.pread(fd, min(count, self.on_disk - offset), offset)
-                else:
-                    at = offset - self.on_disk
-                    data = bytes(self._overflow[at:at + count])
-                offset += len(data)
-                yield data
-            elif self.done or (self.verified and end is None):
+        while True:
+            limit = self.written if self.verified else max(self.written - 1, 0)
+            if end is not None:
+                limit = min(limit, end)
+            if offset < limit:
+                return limit
+            if end is not None and offset >= end:
+                return offset
+            if self.done or self.verified:
                 if self.error is not None:
                     raise FillFailed(self.error.message)
-                if end is not None and offset < end:
+                if end is not None:
                     raise FillFailed(f"{self.digest} ended at {offset} of {end} bytes")
-                return
-            else:
-                await self._progress.wait()
+                return offset
+            await self._progress.wait()
+
+    def overflow(self, offset: int, count: int) -> bytes:
+        """Bytes past the spool's end, kept in memory because the disk was full."""
+        at = offset - self.on_disk
+        return bytes(self._overflow[at:at + min(count, READ_CHUNK)])
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -9,6 +9,7 @@ with a real `multipart/byteranges` 206.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import uuid
@@ -94,12 +95,14 @@ async def _multipart(request: web.Request, path: Path, size: int, ranges: list[t
 
 async def fill_response(request: web.Request, fill: Fill, fd: int,
                         headers: dict[str, str]) -> web.StreamResponse:
-    """A blob still arriving from upstream, streamed from the spool as its bytes exist.
+    """A blob still arriving from upstream, sent from the spool as its bytes exist.
 
-    If the fill fails after the headers went out, the exception closes the connection
-    before Content-Length bytes were sent: the client sees a short body, never a whole one.
+    Bytes go out by sendfile straight from the spool file, so memory does not grow with the
+    blob or with the number of readers. If the fill fails after the headers went out, the
+    exception closes the connection before Content-Length bytes were sent: the client sees
+    a short body, never a whole one.
     """
-    try:
+    with os.fdopen(fd, "rb") as spool:
         await fill.started()
         status, start, end = 200, 0, fill.size
         range_header = request.headers.get("Range")
@@ -113,8 +116,23 @@ async def fill_response(request: web.Request, fill: Fill, fd: int,
         if end is not None:
             response.content_length = end - start
         await response.prepare(request)
-        async for data in fill.read(fd, start, end):
+        loop = asyncio.get_running_loop()
+        offset = start
+        while (limit := await fill.readable(offset, end)) > offset:
+            on_disk = min(limit, fill.on_disk)
+            if offset < on_disk and end is not None:
+                if request.transport is None:
+                    raise ConnectionResetError("client went away")
+                await loop.sendfile(request.transport, spool, offset, on_disk - offset)
+                offset = on_disk
+                continue
+            # Chunked (the upstream sent no length: sendfile would bypass the chunk framing)
+            # or past the spool's end (disk full): through aiohttp's writer.
+            if offset < on_disk:
+                data = os.pread(spool.fileno(), min(READ_CHUNK, on_disk - offset), offset)
+            else:
+                data = fill.overflow(offset, limit - offset)
             await response.write(data)
+            offset += len(data)
+        await response.write_eof()
         return response
-    finally:
-        os.close(fd)

@@ -4,6 +4,7 @@ Basic challenge (Quay), a referrers API, and an upstream that ignores Range."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
@@ -15,6 +16,8 @@ from mirror import config as cfg
 
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+CHUNKED = bytes(range(255, -1, -1)) * 2000
+CHUNKED_DIGEST = "sha256:" + hashlib.sha256(CHUNKED).hexdigest()
 # A signed schema1 manifest's digest is over its payload without signatures, so it differs
 # from sha256(body): only the upstream's Docker-Content-Digest header knows it.
 SCHEMA1 = json.dumps({"schemaVersion": 1, "name": "old/image", "tag": "v1",
@@ -57,6 +60,14 @@ class Fake:
         if request.path == f"/v2/old/image/blobs/{BLOB_DIGEST}":
             cdn = f"http://localhost:{request.url.port}/cdn/blob?{SIGNED_QUERY}"
             return web.Response(status=307, headers={"Location": cdn})
+        if request.path == f"/v2/old/image/blobs/{CHUNKED_DIGEST}":
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()  # no Content-Length: the size is unknown
+            await response.prepare(request)
+            for i in range(0, len(CHUNKED), 100_000):
+                await response.write(CHUNKED[i:i + 100_000])
+            await response.write_eof()
+            return response
         if request.path.startswith("/v2/old/image/referrers/"):
             return web.Response(body=REFERRERS, headers={
                 "Content-Type": "application/vnd.oci.image.index.v1+json",
@@ -155,3 +166,17 @@ async def test_resume_after_a_cut_with_or_without_upstream_range(mirror_on_fake,
         assert resp.status == 200 and await resp.read() == BLOB
     first, second = fake.ranges
     assert first is None and 0 < int(second.removeprefix("bytes=").rstrip("-")) <= 300_000
+
+
+async def test_blob_of_unknown_length_streams_chunked_then_serves_with_length(mirror_on_fake,
+                                                                              fake, http):
+    url = f"{mirror_on_fake.url}/v2/old/image/blobs/{CHUNKED_DIGEST}"
+    async with http.get(url) as resp:
+        assert resp.status == 200 and "Content-Length" not in resp.headers
+        assert await resp.read() == CHUNKED
+    while CHUNKED_DIGEST in mirror_on_fake.proxy.fills.active:
+        await asyncio.sleep(0.01)
+    async with http.get(url) as resp:
+        assert resp.headers["Content-Length"] == str(len(CHUNKED))
+        assert await resp.read() == CHUNKED
+    assert sum(CHUNKED_DIGEST in s[1] for s in fake.seen) == 2  # a 401, then one fetch
