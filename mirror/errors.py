@@ -109,6 +109,13 @@ async def middleware(request: web.Request, handler):
     except web.HTTPMethodNotAllowed as e:
         return Unsupported(f"{request.method} is not supported on {request.path}",
                            headers={"Allow": ",".join(sorted(e.allowed_methods))}).response()
+    except web.HTTPException:
+        raise
+    except OSError:
+        raise  # a socket or file failing mid-response: no second response can follow
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return RegistryError("internal error; the mirror's log has the details").response()
 
 
 class BodyBroken(Unavailable):

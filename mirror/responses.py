@@ -10,15 +10,19 @@ with a real `multipart/byteranges` 206.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from aiohttp import web
 
 from .errors import RangeInvalid
-from .fill import Fill
+from .fill import Fill, FillFailed
+
+log = logging.getLogger("mirror")
 
 RANGE_SPEC = re.compile(r"\s*(\d*)\s*-\s*(\d*)\s*")
 MAX_RANGES = 64
@@ -99,8 +103,8 @@ async def fill_response(request: web.Request, fill: Fill, fd: int,
 
     Bytes go out by sendfile straight from the spool file, so memory does not grow with the
     blob or with the number of readers. If the fill fails after the headers went out, the
-    exception closes the connection before Content-Length bytes were sent: the client sees
-    a short body, never a whole one.
+    connection is closed before Content-Length bytes were sent: the client sees a short
+    body, never a whole one.
     """
     with os.fdopen(fd, "rb") as spool:
         await fill.started()
@@ -116,23 +120,34 @@ async def fill_response(request: web.Request, fill: Fill, fd: int,
         if end is not None:
             response.content_length = end - start
         await response.prepare(request)
-        loop = asyncio.get_running_loop()
-        offset = start
-        while (limit := await fill.readable(offset, end)) > offset:
-            on_disk = min(limit, fill.on_disk)
-            if offset < on_disk and end is not None:
-                if request.transport is None:
-                    raise ConnectionResetError("client went away")
-                await loop.sendfile(request.transport, spool, offset, on_disk - offset)
-                offset = on_disk
-                continue
-            # Chunked (the upstream sent no length: sendfile would bypass the chunk framing)
-            # or past the spool's end (disk full): through aiohttp's writer.
-            if offset < on_disk:
-                data = os.pread(spool.fileno(), min(READ_CHUNK, on_disk - offset), offset)
-            else:
-                data = fill.overflow(offset, limit - offset)
-            await response.write(data)
-            offset += len(data)
-        await response.write_eof()
+        try:
+            await _send_fill(request, response, fill, spool, start, end)
+        except FillFailed as e:
+            # Headers are out: closing the connection is the only way left to say "broken".
+            log.warning("ending %s short for %s: %s", fill.digest, request.remote, e)
+            if request.transport is not None:
+                request.transport.close()
         return response
+
+
+async def _send_fill(request: web.Request, response: web.StreamResponse, fill: Fill,
+                     spool: BinaryIO, start: int, end: int | None) -> None:
+    loop = asyncio.get_running_loop()
+    offset = start
+    while (limit := await fill.readable(offset, end)) > offset:
+        on_disk = min(limit, fill.on_disk)
+        if offset < on_disk and end is not None:
+            if request.transport is None:
+                raise ConnectionResetError("the client went away")
+            await loop.sendfile(request.transport, spool, offset, on_disk - offset)
+            offset = on_disk
+            continue
+        # Chunked (the upstream sent no length, and sendfile would bypass the chunk framing)
+        # or past the spool's end (disk full): through aiohttp's writer.
+        if offset < on_disk:
+            data = os.pread(spool.fileno(), min(READ_CHUNK, on_disk - offset), offset)
+        else:
+            data = fill.overflow(offset, limit - offset)
+        await response.write(data)
+        offset += len(data)
+    await response.write_eof()

@@ -14,7 +14,6 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .errors import NameInvalid, PaginationInvalid, Unsupported
-from .fill import FillFailed
 from .keys import PROXY, ROUTER
 from .reference import Route, parse_digest, parse_name, parse_reference
 from .responses import file_response, fill_response
@@ -85,12 +84,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     if size is not None:
         return await file_response(request, proxy.store.path(digest), size, headers)
     fill, fd = proxy.blob_fill(target, digest)
-    try:
-        return await fill_response(request, fill, fd, headers)
-    except FillFailed:
-        # Headers are out: close the connection so the body ends short of Content-Length.
-        request.transport.close()
-        raise
+    return await fill_response(request, fill, fd, headers)
 
 
 async def tags_list(request: web.Request) -> web.Response:

@@ -226,3 +226,14 @@ async def test_disk_full_while_filling_still_serves_clients_and_stores_nothing(
     assert mirror.blob_files() == [] and list((small_disk / "tmp").iterdir()) == []
     assert "keeping the rest in memory" in caplog.text
     assert fetched(upstream, "GET", digest) == 1
+
+
+async def test_blobs_are_never_compressed_on_the_way_out(mirror, http, big):
+    """containerd sends Accept-Encoding: zstd, gzip, deflate and would decode the body."""
+    digest, data = big
+    for _ in range(2):  # in flight, then committed
+        async with http.get(blob_url(mirror, digest),
+                            headers={"Accept-Encoding": "zstd, gzip, deflate"}) as resp:
+            assert "Content-Encoding" not in resp.headers
+            assert await resp.read() == data
+        await committed(mirror, digest)

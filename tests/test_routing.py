@@ -164,3 +164,17 @@ async def test_push_and_delete_on_upstream_names_are_unsupported(mirror, http, u
     assert status == 405
     assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
     assert upstream.proxy.requests == []
+
+
+async def test_plain_http_port_survives_a_tls_client_hello(mirror, http):
+    """skopeo --tls-verify=false tries https first, on the plain-http port."""
+    import asyncio
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            "127.0.0.1", int(mirror.host.rsplit(":", 1)[1]), ssl=context), 5)
+        writer.close()
+    status, _, body = await get(http, f"{mirror.url}/v2/")
+    assert (status, body) == (200, b"{}")
