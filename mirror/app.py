@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import AsyncIterator
 
 import aiohttp
@@ -62,6 +63,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await session.close()
     await memory.close()
     index.close()
+
+
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context, when a certificate and key are configured."""
+    if config.server.tls_certificate is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.server.tls_certificate, config.server.tls_key)
+    return context
 
 
 async def _api_version(request: web.Request, response: web.StreamResponse) -> None:

@@ -33,13 +33,20 @@ def main(argv: list[str] | None = None) -> None:
 def _serve(config: cfg.Config) -> None:
     from aiohttp import web
 
-    from .app import make_app
+    from .app import make_app, ssl_context
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     access_log = logging.getLogger("aiohttp.access") if config.server.access_log else None
+    root = config.storage.root
     try:
-        app = make_app(config)
+        os.makedirs(root, exist_ok=True)
+        if not os.access(root, os.W_OK):
+            raise PermissionError(f"{root} is not writable by this user")
     except OSError as e:
-        sys.exit(f"mirror: cannot use storage root {config.storage.root}: {e}")
-    web.run_app(app, host=config.server.host, port=config.server.port, access_log=access_log,
-                access_log_format=ACCESS_LOG, print=None)
+        sys.exit(f"mirror: cannot use storage.root {root}: {e}")
+    try:
+        tls = ssl_context(config)
+    except (OSError, ValueError) as e:
+        sys.exit(f"mirror: cannot load server.tls_certificate / server.tls_key: {e}")
+    web.run_app(make_app(config), host=config.server.host, port=config.server.port,
+                access_log=access_log, access_log_format=ACCESS_LOG, ssl_context=tls, print=None)

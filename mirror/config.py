@@ -27,6 +27,9 @@ class ConfigError(ValueError):
 class Server:
     listen: str = "0.0.0.0:5000"
     access_log: bool = True
+    # HTTPS when both are set (PEM files); clients then need no "insecure registry" setting.
+    tls_certificate: str | None = None
+    tls_key: str | None = None
 
     @property
     def host(self) -> str:
@@ -252,6 +255,12 @@ def _check(config: Config) -> None:
     host, _, port = server.listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"server.listen must be HOST:PORT, not {server.listen!r}")
+    if (server.tls_certificate is None) != (server.tls_key is None):
+        raise ConfigError("server.tls_certificate and server.tls_key must be set together")
+    for key in ("tls_certificate", "tls_key"):
+        path = getattr(server, key)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"server.{key}: no such file {path!r}")
     if not config.storage.root:
         raise ConfigError("storage.root must not be empty")
     seen: dict[str, str] = {}

@@ -82,3 +82,24 @@ def test_serve_runs_on_embedded_defaults_in_the_current_folder(tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert "docker.io=https://registry-1.docker.io (default)" in out
+
+
+def test_serve_over_https_with_the_configured_certificate(serve, tmp_path):
+    import ssl
+
+    from tests.support.tls import make_ca_and_server_cert
+    ca, cert, key = make_ca_and_server_cert(tmp_path, hosts=["127.0.0.1", "localhost"])
+    port = free_port()
+    proc = serve(f'[server]\nlisten = "127.0.0.1:{port}"\ntls_certificate = "{cert}"\n'
+                 f'tls_key = "{key}"\n[storage]\nroot = "{tmp_path}/d"\n')
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/v2/", context=context,
+                                        timeout=1) as resp:
+                assert resp.read() == b"{}"
+                break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
