@@ -107,13 +107,16 @@ class Upstream:
                     accept: list[str] = (), limit: int = 4 << 20) -> Answer:
         """A whole small answer; bodies over `limit` bytes are refused (manifests: 4 MiB)."""
         async with self.open(method, path, name=name, not_found=not_found, accept=accept) as r:
+            body = bytearray()
             try:
-                body = await r.content.read(limit + 1)
+                async for chunk in r.content.iter_any():
+                    body += chunk
+                    if len(body) > limit:
+                        raise Unavailable(
+                            f"upstream {self.name} sent more than {limit} bytes for {path}")
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
                 raise Unavailable(f"upstream {self.name} broke off: {e}") from e
-            if len(body) > limit:
-                raise Unavailable(f"upstream {self.name} sent more than {limit} bytes for {path}")
-            return Answer(r.status, r.headers, body)
+            return Answer(r.status, r.headers, bytes(body))
 
     @asynccontextmanager
     async def blob(self, name: str, digest: str, start: int = 0) -> AsyncIterator[Body]:

@@ -236,3 +236,21 @@ async def test_concurrent_tag_requests_share_one_upstream_request(mirror, http, 
     results = await asyncio.gather(*(request(http, "GET", url) for _ in range(16)))
     assert {r[2] for r in results} == {upstream.images["library/ociimage"].manifest}
     assert fetched(upstream, "GET", "/manifests/1.0") == 1
+
+
+async def test_large_manifest_arrives_whole_and_byte_exact(mirror, http, upstream):
+    """A manifest of 2 MiB spans many TCP segments: every one of them must be read."""
+    import dataclasses
+    import json
+
+    from tests.support import images
+    base = images.small_image("test/large-manifest", ["big"], seed="large", oci=True)
+    document = json.loads(base.manifest)
+    document["annotations"] = {f"note.{i}": "x" * 1000 for i in range(2000)}
+    manifest = json.dumps(document, indent=3).encode()
+    image = images.push(upstream.registry, upstream.tokens, dataclasses.replace(
+        base, manifest=manifest, digest=images.sha256(manifest)))
+    status, headers, body = await request(http, "GET",
+                                          f"{mirror.url}/v2/test/large-manifest/manifests/big")
+    assert status == 200 and len(body) > 2_000_000
+    assert body == image.manifest and headers["Docker-Content-Digest"] == image.digest
