@@ -33,7 +33,7 @@ async def test_concurrent_cold_pulls_fetch_each_blob_and_manifest_once(mirror, h
                                      for _ in range(clients)))
     assert all(blobs == alpine.blobs for blobs in results)
     assert fetched(upstream, "GET", "/manifests/3.19") == 1
-    for digest, data in alpine.blobs.items():
+    for digest in alpine.blobs:
         assert fetched(upstream, "GET", digest) == 1
     body = sum(r.sent for r in upstream.proxy.records if r.status == 200 and "/blobs/" in r.path)
     assert body == sum(len(b) for b in alpine.blobs.values())

@@ -61,7 +61,7 @@ def blob_path(image: imagelib.Image, index: int = -1) -> str:
 
 def test_anonymous_token_flow(upstream: Upstream) -> None:
     alpine = upstream.images["library/alpine"]
-    status, headers, _ = fetch(upstream.url, f"/v2/library/alpine/manifests/3.19")
+    status, headers, _ = fetch(upstream.url, "/v2/library/alpine/manifests/3.19")
     assert status == 401
     challenge = headers["WWW-Authenticate"]
     assert challenge.startswith(f'Bearer realm="{upstream.token_url}",service="test-registry"')
