@@ -86,3 +86,40 @@ async def test_upstream_concurrency_is_bounded_and_the_rest_queues(start_mirror,
     upstream.proxy.release()
     results = await asyncio.gather(*tasks)
     assert [body for _, body in results] == [images[i].blobs[d] for i, d in enumerate(digests)]
+
+
+async def test_global_limit_bounds_requests_over_all_upstreams(start_mirror, http, upstream):
+    mirror = await start_mirror(limits={"upstream_requests": 2})
+    images = [upstream.push_image(f"test/global{i}", "v", seed=f"global{i}") for i in range(4)]
+    upstream.proxy.stall(after=0, match="/blobs/", method="GET")
+
+    async def get(prefix, image):
+        url = f"{mirror.url}/v2/{prefix}{image.name}/blobs/{image.layer_digests[0]}"
+        async with http.get(url) as resp:
+            return await resp.read()
+    # Two through docker.io (the default), two through quay.io (by prefix).
+    tasks = [asyncio.ensure_future(get(prefix, image))
+             for prefix, image in zip(["", "", "quay.io/", "quay.io/"], images)]
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if upstream.proxy.stalled >= 2:
+            break
+    await asyncio.sleep(0.3)
+    assert upstream.proxy.stalled == 2
+    upstream.proxy.release()
+    assert await asyncio.gather(*tasks) == [i.blobs[i.layer_digests[0]] for i in images]
+
+
+async def test_range_on_a_blob_in_flight_is_served_as_soon_as_its_bytes_exist(mirror, http,
+                                                                             upstream):
+    alpine = upstream.images["library/alpine"]
+    digest = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
+    upstream.proxy.throttle(MiB, match=digest)  # about 3 s for the whole layer
+    first = asyncio.ensure_future(http.get(f"{mirror.url}/v2/library/alpine/blobs/{digest}"))
+    while digest not in mirror.proxy.fills.active:
+        await asyncio.sleep(0.01)
+    async with http.get(f"{mirror.url}/v2/library/alpine/blobs/{digest}",
+                        headers={"Range": "bytes=100-199"}) as resp:
+        assert resp.status == 206 and await resp.read() == alpine.blobs[digest][100:200]
+    assert digest in mirror.proxy.fills.active  # answered long before the fill ended
+    (await first).close()
