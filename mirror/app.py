@@ -19,11 +19,14 @@ from .blobs import BlobStore
 from .config import Config
 from .fill import Fills
 from .index import Index
-from .keys import CONFIG, PROXY, ROUTER
+from .access import Access
+from .hosted import Hosted
+from .keys import CONFIG, HOSTED, PROXY, ROUTER, UPLOADS
 from .memory import Memory
 from .proxy import Proxy
 from .reference import Router
 from .upstream import Upstream
+from .uploads import Uploads
 
 log = logging.getLogger("mirror")
 
@@ -31,7 +34,9 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
 def make_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[errors.middleware, routes.refuse_hostile_paths])
+    access = Access(config.access)
+    app = web.Application(middlewares=[errors.middleware, routes.refuse_hostile_paths,
+                                       access.middleware()])
     app[CONFIG] = config
     app[ROUTER] = Router(config.upstreams)
     app.cleanup_ctx.append(_resources)
@@ -55,6 +60,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     upstreams = {u.name: Upstream(u, config.limits, session, memory, slots)
                  for u in config.upstreams}
     app[PROXY] = Proxy(upstreams, index, store, fills)
+    app[HOSTED] = Hosted(config.storage.root, index, store, config.hosted, app[ROUTER])
+    app[UPLOADS] = Uploads(config.storage.root, store, config.hosted.upload_ttl)
     log.info("serving %s with data in %s; upstreams: %s", config.server.listen,
              store.root.resolve(), ", ".join(
                  f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams))
@@ -62,6 +69,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await fills.close()
     await session.close()
     await memory.close()
+    app[HOSTED].close()
     index.close()
 
 

@@ -65,3 +65,10 @@ class BlobStore:
             os.unlink(self.path(digest))
         except FileNotFoundError:
             pass
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a regular file may take fewer at once)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -1,7 +1,7 @@
 """The configuration: one typed tree of frozen dataclasses, loaded as defaults < TOML < env.
 
 `load(path, environ)` reads an optional TOML file and then applies `MIRROR_*` environment
-variables: `MIRROR_<SECTION>_<KEY>` for `[server]`, `[storage]` and `[limits]`, and
+variables: `MIRROR_<SECTION>_<KEY>` for `[server]`, `[storage]`, `[limits]`, `[hosted]` and `[access]`, and
 `MIRROR_UPSTREAM_<NAME>_<KEY>` for the upstream called NAME (upper-cased, every character
 that is not a letter or digit written as `_`: `MIRROR_UPSTREAM_DOCKER_IO_PASSWORD`).
 Every unknown key and every bad value is a `ConfigError` that names the key, because a
@@ -43,6 +43,32 @@ class Server:
 @dataclass(frozen=True)
 class Storage:
     root: str = "./data"
+
+
+@dataclass(frozen=True)
+class Hosted:
+    # Push-to-create, as registry:2 does: a push to any name makes a hosted repository,
+    # which from then on wins over the upstreams for that name.
+    enabled: bool = True
+    # Names that may be hosted, by prefix ("team/" allows team/app); empty: any name.
+    prefixes: tuple[str, ...] = ()
+    # DELETE of hosted manifests, tags and blobs.
+    delete: bool = True
+    # Unfinished uploads older than this are removed.
+    upload_ttl: float = 86400.0
+
+
+@dataclass(frozen=True)
+class Access:
+    # An htpasswd file (bcrypt entries; `mirror user add NAME` writes it). Unset: no logins,
+    # anyone may pull and push (as a plain registry:2).
+    htpasswd: str | None = None
+    # With an htpasswd file: whether pulling needs no login.
+    anonymous_pull: bool = True
+    # With an htpasswd file: who may push and delete; empty means every user in the file.
+    push_users: tuple[str, ...] = ()
+    # Refuse every push and delete (pull-through caching goes on).
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +129,8 @@ class Config:
     server: Server = field(default_factory=Server)
     storage: Storage = field(default_factory=Storage)
     limits: Limits = field(default_factory=Limits)
+    hosted: Hosted = field(default_factory=Hosted)
+    access: Access = field(default_factory=Access)
     upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS
 
     @property
@@ -129,12 +157,13 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    unknown = set(data) - {"server", "storage", "limits", "upstreams"}
+    unknown = set(data) - {"server", "storage", "limits", "hosted", "access", "upstreams"}
     if unknown:
         raise ConfigError(f"unknown config section: {sorted(unknown)[0]}")
 
     sections = {}
-    for name, cls in (("server", Server), ("storage", Storage), ("limits", Limits)):
+    for name, cls in (("server", Server), ("storage", Storage), ("limits", Limits),
+                      ("hosted", Hosted), ("access", Access)):
         values = _table(data.get(name, {}), name)
         values.update(_env_section(environ, name, cls))
         sections[name] = _build(cls, values, name)

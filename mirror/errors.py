@@ -6,13 +6,20 @@ so handlers and policy code *raise* and never build an error response by hand:
     RegistryError                 500 UNKNOWN
     ├── NameInvalid               400 NAME_INVALID
     ├── DigestInvalid             400 DIGEST_INVALID
+    ├── SizeInvalid               400 SIZE_INVALID
     ├── ManifestInvalid           400 MANIFEST_INVALID
+    │   └── ManifestTooLarge      413
+    ├── ManifestBlobUnknown       400 MANIFEST_BLOB_UNKNOWN
+    ├── BlobUploadInvalid         400 BLOB_UPLOAD_INVALID
+    │   └── UploadOutOfOrder      416 (a chunk that does not start where the upload ends)
     ├── PaginationInvalid         400 PAGINATION_NUMBER_INVALID
     ├── RangeInvalid              416 RANGE_INVALID   (Range header that cannot be served)
     ├── NameUnknown               404 NAME_UNKNOWN
     ├── ManifestUnknown           404 MANIFEST_UNKNOWN
     ├── BlobUnknown               404 BLOB_UNKNOWN
+    ├── BlobUploadUnknown         404 BLOB_UPLOAD_UNKNOWN
     ├── Unsupported               405 UNSUPPORTED
+    ├── Unauthorized              401 UNAUTHORIZED    (with a Basic challenge)
     ├── Denied                    403 DENIED
     ├── TooManyRequests           429 TOOMANYREQUESTS (keeps the upstream's Retry-After)
     └── Unavailable               503 UNAVAILABLE     (upstream down, 5xx, timeout, bad bytes)
@@ -57,6 +64,34 @@ class DigestInvalid(RegistryError):
 
 class ManifestInvalid(RegistryError):
     code, status = "MANIFEST_INVALID", 400
+
+
+class SizeInvalid(RegistryError):
+    code, status = "SIZE_INVALID", 400
+
+
+class ManifestTooLarge(ManifestInvalid):
+    status = 413
+
+
+class ManifestBlobUnknown(RegistryError):
+    code, status = "MANIFEST_BLOB_UNKNOWN", 400
+
+
+class BlobUploadInvalid(RegistryError):
+    code, status = "BLOB_UPLOAD_INVALID", 400
+
+
+class UploadOutOfOrder(BlobUploadInvalid):
+    status = 416
+
+
+class BlobUploadUnknown(RegistryError):
+    code, status = "BLOB_UPLOAD_UNKNOWN", 404
+
+
+class Unauthorized(RegistryError):
+    code, status = "UNAUTHORIZED", 401
 
 
 class PaginationInvalid(RegistryError):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol
 
-from .blobs import BlobStore
+from .blobs import BlobStore, write_all
 from .errors import BodyBroken, RegistryError, Unavailable
 
 log = logging.getLogger("mirror")
@@ -151,7 +151,7 @@ class Fill:
     def _append(self, chunk: bytes) -> None:
         if self.on_disk == self.written:  # still spooling to disk
             try:
-                _write_all(self._fd, chunk)
+                write_all(self._fd, chunk)
                 self.on_disk += len(chunk)
             except OSError as e:
                 # Disk full (or failing): the readers still get their bytes, from memory.
@@ -206,12 +206,6 @@ class Fill:
         """Bytes past the spool's end, kept in memory because the disk was full."""
         at = offset - self.on_disk
         return bytes(self._overflow[at:at + min(count, READ_CHUNK)])
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class Fills:

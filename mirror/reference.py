@@ -50,13 +50,15 @@ def is_digest(reference: str) -> bool:
     return ":" in reference
 
 
+def parse_tag(tag: str) -> str:
+    if not TAG.fullmatch(tag):
+        raise ManifestInvalid(f"invalid tag {tag[:200]!r}: expected [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}")
+    return tag
+
+
 def parse_reference(reference: str) -> str:
     """A manifest reference is a digest (it has a colon) or a tag."""
-    if is_digest(reference):
-        return parse_digest(reference)
-    if not TAG.fullmatch(reference):
-        raise ManifestInvalid(f"invalid tag {reference[:200]!r}: expected [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}")
-    return reference
+    return parse_digest(reference) if is_digest(reference) else parse_tag(reference)
 
 
 @dataclass(frozen=True)

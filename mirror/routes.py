@@ -1,4 +1,8 @@
-"""The route table of the registry API, and thin handlers that parse, call the proxy, answer.
+"""The route table of the registry API, and the thin handlers of its pull side.
+
+A request for a hosted repository (one something was pushed to) is answered from
+`hosted.py`; any other goes through the pull-through cache (`proxy.py`). The push side's
+handlers are in `push.py`.
 
 Every route exists twice: as `/v2/...` and under an outer path prefix `/<prefix>/v2/...`
 (Docker >= 25 and containerd mirror URLs like `https://m/hub`). `{name:.+}` is greedy, so
@@ -13,8 +17,10 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from .errors import NameInvalid, PaginationInvalid, Unsupported
-from .keys import PROXY, ROUTER
+from . import push
+from .errors import NameInvalid, PaginationInvalid
+from .keys import HOSTED, PROXY, ROUTER
+from .media import OCI_INDEX
 from .reference import Route, parse_digest, parse_name, parse_reference
 from .responses import file_response, fill_response
 
@@ -26,12 +32,13 @@ def setup(app: web.Application) -> None:
         r.add_get(f"{base}/_catalog", catalog)
         r.add_get(f"{base}/{{name:.+}}/tags/list", tags_list)
         r.add_get(f"{base}/{{name:.+}}/manifests/{{reference}}", manifest)
-        r.add_route("*", f"{base}/{{name:.+}}/blobs/uploads/{{upload:.*}}", read_only)
+        r.add_put(f"{base}/{{name:.+}}/manifests/{{reference}}", push.put_manifest)
+        r.add_delete(f"{base}/{{name:.+}}/manifests/{{reference}}", push.delete_manifest)
+        r.add_post(f"{base}/{{name:.+}}/blobs/uploads/", push.start_upload)
+        r.add_route("*", f"{base}/{{name:.+}}/blobs/uploads/{{upload}}", push.upload)
         r.add_get(f"{base}/{{name:.+}}/blobs/{{digest}}", blob)
+        r.add_delete(f"{base}/{{name:.+}}/blobs/{{digest}}", push.delete_blob)
         r.add_get(f"{base}/{{name:.+}}/referrers/{{digest}}", referrers)
-        for method in ("PUT", "DELETE"):
-            r.add_route(method, f"{base}/{{name:.+}}/manifests/{{reference}}", read_only)
-        r.add_delete(f"{base}/{{name:.+}}/blobs/{{digest}}", read_only)
 
 
 # yarl resolves dot segments and decodes %2e / %2f before routing, which would turn
@@ -52,6 +59,14 @@ def route(request: web.Request) -> Route:
                                      prefix=request.match_info.get("prefix"))
 
 
+def hosted(request: web.Request) -> str | None:
+    """The name, when the request is for a hosted repository: those win over upstreams."""
+    if "prefix" in request.match_info:
+        return None
+    name = parse_name(request.match_info["name"])
+    return name if request.app[HOSTED].exists(name) else None
+
+
 async def ping(request: web.Request) -> web.Response:
     if "prefix" in request.match_info:
         request.app[ROUTER].upstream_for_prefix(request.match_info["prefix"])
@@ -59,11 +74,13 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def manifest(request: web.Request) -> web.Response:
-    target = route(request)
     reference = parse_reference(request.match_info["reference"])
     head = request.method == "HEAD"
-    found = await request.app[PROXY].manifest(target, reference,
-                                              request.headers.getall("Accept", []), head)
+    if name := hosted(request):
+        found = request.app[HOSTED].manifest(name, reference)
+    else:
+        found = await request.app[PROXY].manifest(route(request), reference,
+                                                  request.headers.getall("Accept", []), head)
     # Exact bytes and type: no charset (aiohttp's text= would add one), and Content-Length
     # on HEAD too, or Docker abandons the mirror.
     headers = {"Content-Type": found.media_type, "Docker-Content-Digest": found.digest,
@@ -72,25 +89,30 @@ async def manifest(request: web.Request) -> web.Response:
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    target = route(request)
     digest = parse_digest(request.match_info["digest"])
     proxy = request.app[PROXY]
     headers = {"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream",
                "Accept-Ranges": "bytes"}
+    if name := hosted(request):
+        size = request.app[HOSTED].blob_size(name, digest)
+    elif request.method == "HEAD":
+        size = await proxy.blob_head(route(request), digest)
+    else:
+        size = proxy.blob_size(digest)
+        if size is None:
+            fill, fd = proxy.blob_fill(route(request), digest)
+            return await fill_response(request, fill, fd, headers)
     if request.method == "HEAD":
-        size = await proxy.blob_head(target, digest)
         return web.Response(headers={**headers, "Content-Length": str(size)})
-    size = proxy.blob_size(digest)
-    if size is not None:
-        return await file_response(request, proxy.store.path(digest), size, headers)
-    fill, fd = proxy.blob_fill(target, digest)
-    return await fill_response(request, fill, fd, headers)
+    return await file_response(request, proxy.store.path(digest), size, headers)
 
 
 async def tags_list(request: web.Request) -> web.Response:
-    target = route(request)
     count = _page_size(request)
-    tags = await request.app[PROXY].tags(target)
+    if name := hosted(request):
+        tags = request.app[HOSTED].tags(name)
+    else:
+        tags = await request.app[PROXY].tags(route(request))
     page, link = _paginate(request, tags, count)
     return _json({"name": request.match_info["name"], "tags": page}, link)
 
@@ -99,26 +121,26 @@ async def catalog(request: web.Request) -> web.Response:
     if "prefix" in request.match_info:
         request.app[ROUTER].upstream_for_prefix(request.match_info["prefix"])
     count = _page_size(request)
-    names = request.app[PROXY].index.repository_names()
-    page, link = _paginate(request, names, count)
+    names = set(request.app[PROXY].index.repository_names()) | set(request.app[HOSTED].names())
+    page, link = _paginate(request, sorted(names), count)
     return _json({"repositories": page}, link)
 
 
 async def referrers(request: web.Request) -> web.Response:
-    target = route(request)
     digest = parse_digest(request.match_info["digest"])
-    answer = await request.app[PROXY].referrers(target, digest,
-                                               request.query.get("artifactType"))
+    artifact_type = request.query.get("artifactType")
+    if name := hosted(request):
+        descriptors = request.app[HOSTED].referrers(name, digest, artifact_type)
+        headers = {"Content-Type": OCI_INDEX}
+        if artifact_type is not None:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+        return web.Response(body=json.dumps(body).encode(), headers=headers)
+    answer = await request.app[PROXY].referrers(route(request), digest, artifact_type)
     headers = {"Content-Type": answer.headers.get("Content-Type", "application/json")}
     if "OCI-Filters-Applied" in answer.headers:
         headers["OCI-Filters-Applied"] = answer.headers["OCI-Filters-Applied"]
     return web.Response(body=answer.body, headers=headers)
-
-
-async def read_only(request: web.Request) -> web.Response:
-    name = parse_name(request.match_info["name"])
-    raise Unsupported(f"{request.method} is not supported for {name}: it is served from an "
-                      "upstream registry through this pull-through cache, which is read-only")
 
 
 def _page_size(request: web.Request) -> int | None:

@@ -151,19 +151,20 @@ async def test_hostile_input_is_400_and_goes_nowhere(mirror, http, upstream, pat
     assert not (mirror.root / "blobs" / "sha256").exists()
 
 
-@pytest.mark.parametrize("method, path", [
-    ("PUT", "/v2/library/alpine/manifests/latest"),
-    ("DELETE", "/v2/library/alpine/manifests/latest"),
-    ("POST", "/v2/library/alpine/blobs/uploads/"),
-    ("PATCH", "/v2/library/alpine/blobs/uploads/1234"),
-    ("DELETE", "/v2/library/alpine/blobs/sha256:" + "a" * 64),
+@pytest.mark.parametrize("method, path, code", [
+    ("PUT", "/hub/v2/library/alpine/manifests/latest", "UNSUPPORTED"),
+    ("POST", "/quay.io/v2/team/app/blobs/uploads/", "UNSUPPORTED"),
+    ("DELETE", "/hub/v2/library/alpine/blobs/sha256:" + "a" * 64, "UNSUPPORTED"),
+    ("POST", "/v2/quay.io/team/app/blobs/uploads/", "DENIED"),
+    ("PUT", "/v2/docker.io/library/alpine/manifests/latest", "DENIED"),
 ])
-async def test_push_and_delete_on_upstream_names_are_unsupported(mirror, http, upstream, method,
-                                                                 path):
+async def test_pushes_to_upstream_routed_names_are_refused(mirror, http, upstream, method, path,
+                                                          code):
     status, headers, body = await get(http, mirror.url + path, method)
-    assert status == 405
-    assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+    assert json.loads(body)["errors"][0]["code"] == code
+    assert status == {"UNSUPPORTED": 405, "DENIED": 403}[code]
     assert upstream.proxy.requests == []
+    assert json.loads((await get(http, f"{mirror.url}/v2/_catalog"))[2])["repositories"] == []
 
 
 async def test_plain_http_port_survives_a_tls_client_hello(mirror, http):
