@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import sys
@@ -14,12 +15,31 @@ ACCESS_LOG = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="mirror", description="Pull-through caching mirror for container registries.")
+        prog="mirror", description="Pull-through caching mirror and private registry.")
+    parser.add_argument("--config", metavar="PATH", default=os.environ.get("MIRROR_CONFIG"),
+                        help="TOML config file (default: $MIRROR_CONFIG, else embedded "
+                             "defaults: 0.0.0.0:5000, ./data, Docker Hub and friends)")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the registry mirror")
-    serve.add_argument("--config", metavar="PATH", default=os.environ.get("MIRROR_CONFIG"),
-                       help="TOML config file (default: $MIRROR_CONFIG, else embedded "
-                            "defaults: 0.0.0.0:5000, ./data, Docker Hub and friends)")
+    serve.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                       help="TOML config file (may also come before the command)")
+
+    user = commands.add_parser("user", help="manage the htpasswd file of client logins")
+    user_commands = user.add_subparsers(dest="action", required=True)
+    add = user_commands.add_parser("add", help="add a user, or set a user's password")
+    add.add_argument("name")
+    add.add_argument("--htpasswd", metavar="PATH",
+                     help="the file to change (default: access.htpasswd of the config)")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from standard input instead of prompting")
+
+    tls = commands.add_parser("tls", help="certificates for serving HTTPS")
+    tls_commands = tls.add_subparsers(dest="action", required=True)
+    init = tls_commands.add_parser("init", help="create a private CA and a server certificate")
+    init.add_argument("--host", action="append", required=True, metavar="NAME",
+                      help="a DNS name or IP address clients use for the mirror (repeatable)")
+    init.add_argument("--dir", metavar="DIR",
+                      help="where to write them (default: <storage.root>/tls)")
     args = parser.parse_args(argv)
 
     try:
@@ -28,6 +48,43 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"mirror: config error: {e}")
     if args.command == "serve":
         _serve(config)
+    elif args.command == "user":
+        _user_add(config, args)
+    elif args.command == "tls":
+        _tls_init(config, args)
+
+
+def _user_add(config: cfg.Config, args: argparse.Namespace) -> None:
+    from .access import add_user
+
+    path = args.htpasswd or config.access.htpasswd
+    if not path:
+        sys.exit("mirror: no htpasswd file: pass --htpasswd PATH or set access.htpasswd")
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if getpass.getpass("Again: ") != password:
+            sys.exit("mirror: the passwords differ; nothing changed")
+    if not password:
+        sys.exit("mirror: an empty password is not allowed")
+    try:
+        new = add_user(path, args.name, password)
+    except (OSError, ValueError) as e:
+        sys.exit(f"mirror: {e}")
+    print(f"{'added' if new else 'changed the password of'} {args.name} in {path}")
+
+
+def _tls_init(config: cfg.Config, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .certs import client_instructions, make_ca_and_server_cert
+
+    directory = Path(args.dir or os.path.join(config.storage.root, "tls"))
+    if (directory / "ca.key").exists():
+        sys.exit(f"mirror: {directory} already holds a CA; remove it first to make a new one")
+    make_ca_and_server_cert(directory, args.host)
+    print(client_instructions(directory, args.host, config.server.port))
 
 
 def _serve(config: cfg.Config) -> None:
@@ -37,6 +94,9 @@ def _serve(config: cfg.Config) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     access_log = logging.getLogger("aiohttp.access") if config.server.access_log else None
+    if config.access.htpasswd is not None and not os.path.isfile(config.access.htpasswd):
+        sys.exit(f"mirror: access.htpasswd: no such file {config.access.htpasswd} "
+                 "(create it with: mirror user add NAME)")
     root = config.storage.root
     try:
         os.makedirs(root, exist_ok=True)

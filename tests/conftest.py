@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from mirror import config as cfg
-from mirror.app import make_app
+from mirror.app import make_app, ssl_context
 from mirror.keys import PROXY
 
 pytest_plugins = ["tests.support.fixtures"]
@@ -52,8 +52,9 @@ def mirror_config(root: Path, upstream_url: str, **overrides) -> cfg.Config:
         cfg.Upstream("docker.io", upstream_url, default=True, aliases=("hub",), tag_ttl=ttl),
         cfg.Upstream("quay.io", upstream_url, aliases=("quay",), tag_ttl=ttl),
     ))
-    return cfg.Config(server=cfg.Server(listen="127.0.0.1:0"), storage=cfg.Storage(root=str(root)),
-                      limits=limits, upstreams=upstreams, **overrides)
+    server = overrides.pop("server", cfg.Server(listen="127.0.0.1:0"))
+    return cfg.Config(server=server, storage=cfg.Storage(root=str(root)), limits=limits,
+                      upstreams=upstreams, **overrides)
 
 
 @pytest.fixture
@@ -62,11 +63,12 @@ async def start_mirror(tmp_path, upstream):
 
     async def start(root: Path | None = None, url: str | None = None, **overrides) -> Mirror:
         config = mirror_config(root or tmp_path / "data", url or upstream.url, **overrides)
+        tls = ssl_context(config)
         server = TestServer(make_app(config), host="127.0.0.1", port=0)
-        await server.start_server()
+        await server.start_server(ssl=tls)
         servers.append(server)
         host = f"127.0.0.1:{server.port}"
-        return Mirror(f"http://{host}", host, config, server)
+        return Mirror(f"{'https' if tls else 'http'}://{host}", host, config, server)
 
     yield start
     for server in servers:

@@ -43,7 +43,7 @@ async def test_expired_token_is_replaced(start_mirror, http, upstream):
 
 
 async def test_private_repository_needs_the_configured_credentials(start_mirror, http, upstream,
-                                                                  tmp_path):
+                                                                  tmp_path, caplog):
     secret = upstream.images["private/secret"]
     anonymous = await start_mirror(root=tmp_path / "anon")
     status, body = await get(http, f"{anonymous.url}/v2/private/secret/manifests/1")
@@ -63,6 +63,7 @@ async def test_private_repository_needs_the_configured_credentials(start_mirror,
         async with http.get(authed.url + path) as resp:
             assert b"readpass" not in await resp.read()
             assert "readpass" not in str(resp.headers)
+    assert "readpass" not in caplog.text
 
 
 async def test_wrong_credentials_are_denied_with_a_message(start_mirror, http, upstream):
