@@ -65,7 +65,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     log.info("serving %s with data in %s; upstreams: %s", config.server.listen,
              store.root.resolve(), ", ".join(
                  f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams))
+    expiry = asyncio.ensure_future(app[UPLOADS].expire_forever())
     yield
+    expiry.cancel()
     await fills.close()
     await session.close()
     await memory.close()

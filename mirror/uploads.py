@@ -111,15 +111,23 @@ class Uploads:
         self._meta(upload).unlink(missing_ok=True)
 
     def expire(self) -> None:
-        """Remove uploads untouched for longer than the TTL."""
+        """Remove uploads untouched (no chunk written) for longer than the TTL."""
         cutoff = time.time() - self.ttl
-        for path in self.dir.iterdir():
+        for data in self.dir.iterdir():
+            if data.suffix == ".json":
+                continue  # an upload is judged by its data file, which every chunk touches
             try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    log.info("removed abandoned upload %s", path.name)
+                if data.stat().st_mtime < cutoff:
+                    self.cancel("", data.name)
+                    log.info("removed the upload %s, untouched for %.0fs", data.name, self.ttl)
             except FileNotFoundError:
                 pass
+
+    async def expire_forever(self) -> None:
+        """Expire abandoned uploads now and then (every TTL/2, at most hourly)."""
+        while True:
+            await asyncio.sleep(min(self.ttl / 2, 3600.0))
+            self.expire()
 
     def range_headers(self, name: str, upload: str, offset: int) -> dict[str, str]:
         """Location, Range and upload id, as every upload response carries them."""

@@ -340,3 +340,16 @@ async def test_hostile_push_input_gets_the_specs_error_and_stores_nothing(mirror
         assert resp.headers.get("Range") in ("0-0", None)  # nothing was appended
     async with http.get(f"{mirror.url}/v2/_catalog") as resp:
         assert (await resp.json())["repositories"] == []
+
+
+async def test_abandoned_upload_is_removed_after_its_ttl(start_mirror, http, tmp_path):
+    from mirror import config as cfg
+    mirror = await start_mirror(root=tmp_path / "ttl", hosted=cfg.Hosted(upload_ttl=0.4))
+    async with http.post(f"{mirror.url}/v2/abandoned/blobs/uploads/") as resp:
+        location = absolute(mirror, resp.headers["Location"])
+    async with http.patch(location, data=b"half") as resp:
+        assert resp.status == 202
+    await asyncio.sleep(1.0)
+    async with http.get(location) as resp:
+        assert resp.status == 404 and await error_code(resp) == "BLOB_UPLOAD_UNKNOWN"
+    assert list((mirror.root / "uploads").iterdir()) == []
