@@ -195,21 +195,18 @@ def _table(value: Any, where: str) -> dict[str, Any]:
 
 
 def _env_section(environ: Mapping[str, str], section: str, cls: type) -> dict[str, str]:
-    prefix = f"MIRROR_{section.upper()}_"
-    keys = {f.name.upper(): f.name for f in dataclasses.fields(cls)}
-    found = {}
-    for var, value in environ.items():
-        if var.startswith(prefix):
-            key = var[len(prefix):]
-            if key not in keys:
-                raise ConfigError(f"unknown config key in environment variable {var}")
-            found[keys[key]] = value
-    return found
+    return _env_keys(environ, f"MIRROR_{section.upper()}_", cls)
 
 
 def _env_upstream(environ: Mapping[str, str], name: str) -> dict[str, str]:
     prefix = "MIRROR_UPSTREAM_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper() + "_"
-    keys = {f.name.upper(): f.name for f in dataclasses.fields(Upstream) if f.name != "name"}
+    return _env_keys(environ, prefix, Upstream, exclude="name")
+
+
+def _env_keys(environ: Mapping[str, str], prefix: str, cls: type,
+              exclude: str = "") -> dict[str, str]:
+    """The fields of `cls` set by variables named prefix + FIELD; any other is an error."""
+    keys = {f.name.upper(): f.name for f in dataclasses.fields(cls) if f.name != exclude}
     found = {}
     for var, value in environ.items():
         if var.startswith(prefix):
