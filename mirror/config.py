@@ -145,6 +145,10 @@ DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*")
 DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
 
+SECTIONS = {"server": Server, "storage": Storage, "limits": Limits, "hosted": Hosted,
+            "access": Access}
+
+
 def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Build the config from the embedded defaults, the TOML file at `path`, then `environ`."""
     environ = os.environ if environ is None else environ
@@ -157,13 +161,12 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    unknown = set(data) - {"server", "storage", "limits", "hosted", "access", "upstreams"}
+    unknown = set(data) - set(SECTIONS) - {"upstreams"}
     if unknown:
         raise ConfigError(f"unknown config section: {sorted(unknown)[0]}")
 
     sections = {}
-    for name, cls in (("server", Server), ("storage", Storage), ("limits", Limits),
-                      ("hosted", Hosted), ("access", Access)):
+    for name, cls in SECTIONS.items():
         values = _table(data.get(name, {}), name)
         values.update(_env_section(environ, name, cls))
         sections[name] = _build(cls, values, name)
@@ -184,8 +187,20 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         values.update(_env_upstream(environ, values["name"]))
         built.append(_build(Upstream, values, where))
     config = Config(upstreams=tuple(built), **sections)
+    _check_environment(environ, config)
     _check(config)
     return config
+
+
+def _check_environment(environ: Mapping[str, str], config: Config) -> None:
+    """A MIRROR_* variable that configures nothing is a typo worth stopping for."""
+    known = ["MIRROR_CONFIG"] + [f"MIRROR_{s.upper()}_" for s in SECTIONS] + [
+        "MIRROR_UPSTREAM_" + re.sub(r"[^A-Za-z0-9]", "_", u.name).upper() + "_"
+        for u in config.upstreams]
+    for var in environ:
+        if var.startswith("MIRROR_") and not any(var.startswith(k) for k in known):
+            raise ConfigError(f"environment variable {var} matches no config section or "
+                              "configured upstream")
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:

@@ -80,6 +80,8 @@ def test_password_from_file(tmp_path):
     ('[[upstreams]]\nname = "q"\nurl = "https://q"\nbogus = 1\n', {}, "upstreams[0].bogus"),
     ('[limits]\nupstream_requests = 0\n', {}, "limits.upstream_requests"),
     ('', {"MIRROR_STORAGE_ROOOT": "/x"}, "MIRROR_STORAGE_ROOOT"),
+    ('', {"MIRROR_STORAGEROOT": "/x"}, "MIRROR_STORAGEROOT"),
+    ('', {"MIRROR_UPSTREAM_DOCKR_IO_PASSWORD": "x"}, "MIRROR_UPSTREAM_DOCKR_IO_PASSWORD"),
     ('[[upstreams]]\nname = "a"\nurl = "https://a"\ndefault = true\n'
      '[[upstreams]]\nname = "b"\nurl = "https://b"\ndefault = true\n', {}, "default"),
     ('[server\n', {}, "not valid TOML"),
