@@ -34,9 +34,10 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
 def make_app(config: Config) -> web.Application:
-    access = Access(config.access)
-    app = web.Application(middlewares=[errors.middleware, routes.refuse_hostile_paths,
-                                       access.middleware()])
+    middlewares = [errors.middleware, routes.refuse_hostile_paths]
+    if config.access.htpasswd is not None or config.access.read_only:
+        middlewares.append(Access(config.access).middleware())
+    app = web.Application(middlewares=middlewares)
     app[CONFIG] = config
     app[ROUTER] = Router(config.upstreams)
     app.cleanup_ctx.append(_resources)

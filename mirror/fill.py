@@ -120,6 +120,7 @@ class Fill:
             self._wake()
 
     async def _download(self) -> None:
+        loop = asyncio.get_running_loop()
         resume_at = self.written
         async with self._open_body(resume_at) as body:
             self.size = body.size
@@ -128,12 +129,23 @@ class Fill:
                 log.info("resuming %s at byte %d (upstream %s)", self.digest, resume_at,
                          "honoured the Range" if body.start == resume_at else "sent it all")
             skip = resume_at - body.start  # bytes we have, sent again by an upstream without Range
-            async for chunk in body.chunks():
-                if skip > 0:
-                    chunk, skip = chunk[skip:], skip - min(skip, len(chunk))
-                    if not chunk:
-                        continue
-                self._append(chunk)
+            # Each chunk is written and hashed on a thread (both release the GIL) while the
+            # next one is read from the network: the second core does the disk and sha256
+            # work, and the event loop stays free for the readers.
+            storing = None
+            try:
+                async for chunk in body.chunks():
+                    if skip > 0:
+                        chunk, skip = chunk[skip:], skip - min(skip, len(chunk))
+                        if not chunk:
+                            continue
+                    if storing is not None:
+                        self._advance(*await storing)
+                    storing = loop.run_in_executor(None, self._store, chunk)
+            finally:
+                # Also on failure: the hash state must cover exactly `written` bytes.
+                if storing is not None:
+                    self._advance(*await storing)
         if self.size is not None and self.written != self.size:
             raise BodyBroken(f"upstream sent {self.written} of {self.size} bytes of {self.digest}")
         if f"{self.digest.partition(':')[0]}:{self._hasher.hexdigest()}" != self.digest:
@@ -144,26 +156,38 @@ class Fill:
         if self.on_disk != self.written:
             log.warning("%s was served from memory; not stored, the disk is full", self.digest)
             return
-        await asyncio.get_running_loop().run_in_executor(None, os.fsync, self._fd)
+        await loop.run_in_executor(None, os.fsync, self._fd)
         self.store.commit(self.spool, self.digest)
         self.committed = True
 
-    def _append(self, chunk: bytes) -> None:
+    def _store(self, chunk: bytes) -> tuple[bytes, bool]:
+        """On a worker thread: write a chunk to the spool and hash it; whether it was stored.
+
+        Runs while the event loop waits for it, one chunk at a time, so `on_disk` and
+        `written` do not change under it.
+        """
+        stored = False
         if self.on_disk == self.written:  # still spooling to disk
             try:
                 write_all(self._fd, chunk)
-                self.on_disk += len(chunk)
+                stored = True
             except OSError as e:
                 # Disk full (or failing): the readers still get their bytes, from memory.
                 log.error("cannot spool %s at byte %d: %s; keeping the rest in memory and "
                           "storing nothing", self.digest, self.on_disk, e.strerror)
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, self.on_disk)  # no half-written chunk on disk
-        if self.on_disk < self.written + len(chunk):  # this chunk did not reach the disk
+        self._hasher.update(chunk)
+        return chunk, stored
+
+    def _advance(self, chunk: bytes, stored: bool) -> None:
+        """On the event loop: count a stored chunk (or keep it in memory) and wake readers."""
+        if stored:
+            self.on_disk += len(chunk)
+        else:
             if len(self._overflow) + len(chunk) > OVERFLOW_LIMIT:
                 raise Unavailable(f"no disk space to spool {self.digest}")
             self._overflow += chunk
-        self._hasher.update(chunk)
         self.written += len(chunk)
         self._wake()
 

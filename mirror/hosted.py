@@ -40,16 +40,18 @@ class Hosted:
         self.store = store
         self.config = config
         self.router = router
+        # Every request asks whether its name is hosted: answer from memory, not SQLite.
+        self._names = {key[5:] for key in self.db.iterkeys() if key.startswith("repo:")}
 
     def close(self) -> None:
         self.db.close()
 
     # Repositories.
     def exists(self, name: str) -> bool:
-        return f"repo:{name}" in self.db
+        return name in self._names
 
     def names(self) -> list[str]:
-        return sorted(key[5:] for key in self.db.iterkeys() if key.startswith("repo:"))
+        return sorted(self._names)
 
     def _repo(self, name: str) -> dict:
         repo = self.db.get(f"repo:{name}")
@@ -59,6 +61,7 @@ class Hosted:
 
     def _save(self, name: str, repo: dict) -> None:
         self.db.set(f"repo:{name}", repo)
+        self._names.add(name)
 
     def check_pushable(self, name: str) -> None:
         """Whether `name` may receive pushes; Denied with the reason when not."""

@@ -180,7 +180,9 @@ async def test_upstream_cut_mid_body_ends_every_reader_short_then_resumes(mirror
     assert (status, body) == (200, data)
     gets = [r for r in upstream.proxy.records if r.method == "GET" and digest in r.path]
     assert [r.status for r in gets] == [200, 206]
-    assert gets[1].sent == len(data) - MiB
+    # Resumed where the kept bytes end: at most the 1 MiB sent before the cut (less what
+    # the cut connection lost in its buffers).
+    assert len(data) - MiB <= gets[1].sent < len(data)
     await committed(mirror, digest)
     assert [p.read_bytes() for p in mirror.blob_files()] == [data]
     assert list((mirror.root / "tmp").iterdir()) == []
