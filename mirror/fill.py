@@ -27,12 +27,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol
 
-from .blobs import BlobStore, write_all
+from .blobs import BlobStore, pwrite_all
 from .errors import BodyBroken, RegistryError, Unavailable
 
 log = logging.getLogger("mirror")
@@ -83,10 +84,11 @@ class Fill:
             self._hasher = hashlib.new(digest.partition(":")[0])
         else:
             self.spool, self.written, self._hasher = partial.spool, partial.written, partial.hasher
-            self._fd = os.open(self.spool, os.O_WRONLY | os.O_APPEND)
+            self._fd = os.open(self.spool, os.O_WRONLY)
         self.on_disk = self.written  # bytes in the spool; the rest overflowed to memory
         self._overflow = bytearray()
         self._started = asyncio.get_running_loop().create_future()
+        self._began = time.monotonic()
         self._progress = asyncio.Event()
 
     def open_reader(self) -> int:
@@ -125,6 +127,8 @@ class Fill:
         async with self._open_body(resume_at) as body:
             self.size = body.size
             self._started.set_result(None)
+            if self.size is not None:
+                self._preallocate(self.size)
             if resume_at:
                 log.info("resuming %s at byte %d (upstream %s)", self.digest, resume_at,
                          "honoured the Range" if body.start == resume_at else "sent it all")
@@ -159,6 +163,17 @@ class Fill:
         await loop.run_in_executor(None, os.fsync, self._fd)
         self.store.commit(self.spool, self.digest)
         self.committed = True
+        seconds = time.monotonic() - self._began
+        log.info("stored %s: %d bytes in %.2fs (%.0f MiB/s)", self.digest, self.written,
+                 seconds, self.written / seconds / (1 << 20) if seconds else 0)
+
+    def _preallocate(self, size: int) -> None:
+        """Reserve the blob's blocks up front: on ext4 that makes the spool writes several
+        times faster, and a full disk shows here, before any byte is promised."""
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+        except OSError as e:
+            log.warning("cannot reserve %d bytes for %s: %s", size, self.digest, e.strerror)
 
     def _store(self, chunk: bytes) -> tuple[bytes, bool]:
         """On a worker thread: write a chunk to the spool and hash it; whether it was stored.
@@ -169,7 +184,7 @@ class Fill:
         stored = False
         if self.on_disk == self.written:  # still spooling to disk
             try:
-                write_all(self._fd, chunk)
+                pwrite_all(self._fd, chunk, self.on_disk)
                 stored = True
             except OSError as e:
                 # Disk full (or failing): the readers still get their bytes, from memory.

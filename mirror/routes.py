@@ -18,10 +18,10 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from . import push
-from .errors import NameInvalid, PaginationInvalid
+from .errors import ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
 from .keys import HOSTED, PROXY, ROUTER
 from .media import OCI_INDEX
-from .reference import Route, parse_digest, parse_name, parse_reference
+from .reference import TAG, Route, is_digest, parse_digest, parse_name
 from .responses import file_response, fill_response
 
 
@@ -74,7 +74,13 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def manifest(request: web.Request) -> web.Response:
-    reference = parse_reference(request.match_info["reference"])
+    reference = request.match_info["reference"]
+    if is_digest(reference):
+        parse_digest(reference)
+    elif not TAG.fullmatch(reference):
+        # No tag by that name can exist: the conformance suite wants 404, and no upstream
+        # needs to be asked.
+        raise ManifestUnknown(f"{reference[:200]!r} is not a valid tag, so no manifest has it")
     head = request.method == "HEAD"
     if name := hosted(request):
         found = request.app[HOSTED].manifest(name, reference)
@@ -130,17 +136,28 @@ async def referrers(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
     if name := hosted(request):
-        descriptors = request.app[HOSTED].referrers(name, digest, artifact_type)
-        headers = {"Content-Type": OCI_INDEX}
-        if artifact_type is not None:
-            headers["OCI-Filters-Applied"] = "artifactType"
-        body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
-        return web.Response(body=json.dumps(body).encode(), headers=headers)
-    answer = await request.app[PROXY].referrers(route(request), digest, artifact_type)
+        return _referrers_index(request.app[HOSTED].referrers(name, digest, artifact_type),
+                                artifact_type)
+    try:
+        target = route(request)
+    except NameUnknown:
+        # A name no upstream serves and nothing was pushed to: it has no referrers. (For an
+        # upstream's repository its own answer is passed on, 404 included, so clients fall
+        # back to the referrers tag schema where a registry has no referrers API.)
+        return _referrers_index([], artifact_type)
+    answer = await request.app[PROXY].referrers(target, digest, artifact_type)
     headers = {"Content-Type": answer.headers.get("Content-Type", "application/json")}
     if "OCI-Filters-Applied" in answer.headers:
         headers["OCI-Filters-Applied"] = answer.headers["OCI-Filters-Applied"]
     return web.Response(body=answer.body, headers=headers)
+
+
+def _referrers_index(descriptors: list[dict], artifact_type: str | None) -> web.Response:
+    headers = {"Content-Type": OCI_INDEX}
+    if artifact_type is not None:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+    return web.Response(body=json.dumps(body).encode(), headers=headers)
 
 
 def _page_size(request: web.Request) -> int | None:

@@ -34,7 +34,7 @@ log = logging.getLogger("mirror")
 
 REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
-BODY_CHUNK = 256 * 1024
+BODY_CHUNK = 1 << 20
 USER_AGENT = "mirror/0.1 (pull-through registry cache)"
 
 

@@ -137,7 +137,6 @@ async def test_referrers_404_passes_through_so_clients_fall_back(mirror, http, u
     ("/v2/a%2Fb/manifests/latest", "NAME_INVALID"),
     ("/v2/" + "a" * 256 + "/manifests/latest", "NAME_INVALID"),
     ("/v2/alpine/manifests/sha256:totallywrong", "DIGEST_INVALID"),
-    ("/v2/alpine/manifests/-notatag", "MANIFEST_INVALID"),
     ("/v2/alpine/blobs/sha256:" + "A" * 64, "DIGEST_INVALID"),
     ("/v2/alpine/blobs/md5:abc", "DIGEST_INVALID"),
     ("/v2/alpine/tags/list?n=x", "PAGINATION_NUMBER_INVALID"),
@@ -149,6 +148,16 @@ async def test_hostile_input_is_400_and_goes_nowhere(mirror, http, upstream, pat
     assert headers["Content-Type"] == "application/json"
     assert upstream.proxy.requests == []
     assert not (mirror.root / "blobs" / "sha256").exists()
+
+
+async def test_a_reference_that_is_no_tag_is_manifest_unknown_without_asking(mirror, http,
+                                                                           upstream):
+    for method in ("GET", "HEAD"):
+        status, _, body = await get(http, f"{mirror.url}/v2/alpine/manifests/-notatag", method)
+        assert status == 404
+    assert json.loads((await get(http, f"{mirror.url}/v2/alpine/manifests/.x"))[2])[
+        "errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert upstream.proxy.requests == []
 
 
 @pytest.mark.parametrize("method, path, code", [
