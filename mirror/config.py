@@ -30,6 +30,10 @@ class Server:
     # HTTPS when both are set (PEM files); clients then need no "insecure registry" setting.
     tls_certificate: str | None = None
     tls_key: str | None = None
+    # Never contact an upstream: serve what the cache holds (an air-gapped site fed by bundles).
+    offline: bool = False
+    # "text": one readable line per event; "json": one JSON object per line, with a request id.
+    log_format: str = "text"
 
     @property
     def host(self) -> str:
@@ -43,6 +47,12 @@ class Server:
 @dataclass(frozen=True)
 class Storage:
     root: str = "./data"
+    # A byte budget for cached content ("200GiB"); unset: no limit. Above high_watermark of
+    # it, least-recently-used cached content is evicted down to low_watermark. Hosted
+    # repositories and pinned images are never evicted (but count towards the use).
+    max_size: int | None = None
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
 
 
 @dataclass(frozen=True)
@@ -264,7 +274,11 @@ def _convert(value: Any, type_: str, key: str) -> Any:
             raise ConfigError(f"{key} must be at least 1, not {value!r}")
         return number
     if type_ == "float":
+        if key.endswith("watermark"):
+            return _fraction(value, key)
         return _duration(value, key)
+    if type_ == "int | None":
+        return _size(value, key)
     if type_ == "tuple[str, ...]":
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -276,6 +290,36 @@ def _convert(value: Any, type_: str, key: str) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be a string, not {value!r}")
     return value
+
+
+SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]i?B|B)?\s*", re.IGNORECASE)
+SIZE_UNITS = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+              "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "pib": 1 << 50}
+
+
+def _size(value: Any, key: str) -> int:
+    """Bytes as a number, or a string like "200GiB", "500 MB", "1.5TiB"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := SIZE.fullmatch(value)):
+        unit = m.group(2).lower() if m.group(2) else None
+        size = int(float(m.group(1)) * SIZE_UNITS[unit])
+    else:
+        raise ConfigError(f"{key} must be a size like \"200GiB\" or a number of bytes")
+    if size < 1:
+        raise ConfigError(f"{key} must be at least 1 byte")
+    return size
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+        except ValueError:
+            raise ConfigError(f"{key} must be a fraction like 0.9 or \"90%\"") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ConfigError(f"{key} must be a fraction between 0 and 1, like 0.9 or \"90%\"")
+    return float(value)
 
 
 def _duration(value: Any, key: str) -> float:
@@ -302,6 +346,11 @@ def _check(config: Config) -> None:
         path = getattr(server, key)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"server.{key}: no such file {path!r}")
+    if config.server.log_format not in ("text", "json"):
+        raise ConfigError(f"server.log_format must be \"text\" or \"json\", not "
+                          f"{config.server.log_format!r}")
+    if config.storage.low_watermark >= config.storage.high_watermark:
+        raise ConfigError("storage.low_watermark must be below storage.high_watermark")
     if not config.storage.root:
         raise ConfigError("storage.root must not be empty")
     seen: dict[str, str] = {}
