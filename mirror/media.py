@@ -1,4 +1,7 @@
-"""The media types of manifests, as registries and clients name them."""
+"""The media types of manifests, as registries and clients name them, and what a manifest
+refers to."""
+
+import json
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -12,3 +15,27 @@ LIST_TYPES = {DOCKER_LIST, OCI_INDEX}
 # digest names one manifest, and Docker Hub answers 404 to a digest whose type is not accepted.
 ALL_TYPES = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, OCI_ARTIFACT,
              DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1]
+
+
+def references(body: bytes) -> list[str]:
+    """The digests a manifest points to: an index's manifests, an image's config and layers
+    (and its subject is not one: a referrer does not keep its subject alive)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(document, dict):
+        return []
+    found = []
+    for key in ("manifests", "layers", "blobs"):
+        entries = document.get(key)
+        if isinstance(entries, list):
+            found += [e["digest"] for e in entries
+                      if isinstance(e, dict) and isinstance(e.get("digest"), str)]
+    config = document.get("config")
+    if isinstance(config, dict) and isinstance(config.get("digest"), str):
+        found.append(config["digest"])
+    for layer in document.get("fsLayers", []) if isinstance(document.get("fsLayers"), list) else []:
+        if isinstance(layer, dict) and isinstance(layer.get("blobSum"), str):
+            found.append(layer["blobSum"])  # schema1
+    return found
