@@ -21,12 +21,14 @@ from .fill import Fills
 from .index import Index
 from .access import Access
 from .hosted import Hosted
-from .keys import CONFIG, HOSTED, PROXY, ROUTER, UPLOADS
+from .budget import Budget
+from .keys import BUDGET, CONFIG, HOSTED, PROXY, ROUTER, UPLOADS
 from .memory import Memory
 from .proxy import Proxy
 from .reference import Router
 from .upstream import Upstream
 from .uploads import Uploads
+from .usage import Usage
 
 log = logging.getLogger("mirror")
 
@@ -49,8 +51,9 @@ def make_app(config: Config) -> web.Application:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     memory = Memory()
-    store = BlobStore(config.storage.root)
-    index = Index(config.storage.root, memory)
+    usage = Usage(config.storage.root)
+    store = BlobStore(config.storage.root, usage)
+    index = Index(config.storage.root, memory, usage)
     fills = Fills(store)
     # auto_decompress off: blobs and manifests are hashed and served exactly as sent.
     session = aiohttp.ClientSession(
@@ -63,20 +66,24 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     slots = asyncio.Semaphore(config.limits.upstream_requests)
     upstreams = {u.name: Upstream(u, config.limits, session, memory, slots)
                  for u in config.upstreams}
-    app[PROXY] = Proxy(upstreams, index, store, fills)
+    app[PROXY] = Proxy(upstreams, index, store, fills, offline=config.server.offline)
     app[HOSTED] = Hosted(config.storage.root, index, store, config.hosted, app[ROUTER])
     app[UPLOADS] = Uploads(config.storage.root, store, config.hosted.upload_ttl)
+    app[BUDGET] = Budget(config.storage, usage, store, index, app[HOSTED])
     log.info("serving %s with data in %s; upstreams: %s", config.server.listen,
              store.root.resolve(), ", ".join(
                  f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams))
-    expiry = asyncio.ensure_future(app[UPLOADS].expire_forever())
+    housekeeping = [asyncio.ensure_future(app[UPLOADS].expire_forever()),
+                    asyncio.ensure_future(app[BUDGET].run_forever())]
     yield
-    expiry.cancel()
+    for task in housekeeping:
+        task.cancel()
     await fills.close()
     await session.close()
     await memory.close()
     app[HOSTED].close()
     index.close()
+    usage.close()
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:

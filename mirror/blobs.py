@@ -19,12 +19,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .usage import Usage
+
 log = logging.getLogger("mirror")
 
 
 class BlobStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, usage: Usage):
         self.root = Path(root)
+        self.usage = usage
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
@@ -58,13 +61,16 @@ class BlobStore:
         final = self.path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(spool, final)
+        self.usage.add(digest, "blob", final.stat().st_size)
         return final
 
     def remove(self, digest: str) -> None:
+        """Delete a blob's file and forget it in the ledger."""
         try:
             os.unlink(self.path(digest))
         except FileNotFoundError:
             pass
+        self.usage.remove(digest)
 
 
 def write_all(fd: int, data: bytes) -> None:

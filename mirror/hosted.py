@@ -42,6 +42,12 @@ class Hosted:
         self.router = router
         # Every request asks whether its name is hosted: answer from memory, not SQLite.
         self._names = {key[5:] for key in self.db.iterkeys() if key.startswith("repo:")}
+        # Every digest a hosted repository holds, for eviction to leave alone. Deletes do
+        # not shrink it (a deleted blob is only kept until the next start): never too small.
+        self.held: set[str] = set()
+        for name in self._names:
+            repo = self.db.get(f"repo:{name}", EMPTY)
+            self.held.update(repo["blobs"], repo["manifests"])
 
     def close(self) -> None:
         self.db.close()
@@ -62,6 +68,7 @@ class Hosted:
     def _save(self, name: str, repo: dict) -> None:
         self.db.set(f"repo:{name}", repo)
         self._names.add(name)
+        self.held.update(repo["blobs"], repo["manifests"])
 
     def check_pushable(self, name: str) -> None:
         """Whether `name` may receive pushes; Denied with the reason when not."""

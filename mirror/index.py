@@ -22,7 +22,9 @@ from pathlib import Path
 
 import diskcache
 
+from .media import references
 from .memory import Memory
+from .usage import Usage
 
 log = logging.getLogger("mirror")
 
@@ -42,10 +44,11 @@ class TagRecord:
 
 
 class Index:
-    def __init__(self, root: str | Path, memory: Memory):
+    def __init__(self, root: str | Path, memory: Memory, usage: Usage):
         self.db = diskcache.Cache(str(Path(root) / "index"))
         self.repositories = diskcache.Cache(str(Path(root) / "index" / "catalog"))
         self.memory = memory
+        self.usage = usage
         self._hot: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._hot_bytes = 0
 
@@ -67,6 +70,17 @@ class Index:
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         self._set(f"m:{digest}", (media_type, body))
         self._remember(digest, (media_type, body))
+        self.usage.add(digest, "manifest", len(body), references(body))
+
+    async def drop_manifest(self, digest: str) -> None:
+        """Forget a manifest and every tag record that points to it (eviction)."""
+        for key in self.usage.tags_of(digest):
+            self.db.delete(key)
+            await self.memory.delete(key)
+        self.db.delete(f"m:{digest}")
+        if (found := self._hot.pop(digest, None)) is not None:
+            self._hot_bytes -= len(found[1])
+        self.usage.remove(digest)
 
     def _set(self, key: str, value: object) -> None:
         """Store durably if the disk lets us; a full disk must not fail the client's request."""
@@ -99,11 +113,13 @@ class Index:
         key = f"t:{repository}:{tag}:{accept_class}"
         self._set(key, record)
         await self.memory.set(key, record, ttl=HOT_TAG_SECONDS)
+        self.usage.tag(key, record.digest)
 
     async def drop_tag(self, repository: str, tag: str, accept_class: str) -> None:
         key = f"t:{repository}:{tag}:{accept_class}"
         self.db.delete(key)
         await self.memory.delete(key)
+        self.usage.untag(key)
 
     # Tag lists, as the upstream last sent them.
     def tag_list(self, repository: str) -> tuple[list[str], float] | None:

@@ -2,6 +2,7 @@
 
 from aiohttp import web
 
+from .budget import Budget
 from .config import Config
 from .hosted import Hosted
 from .proxy import Proxy
@@ -13,3 +14,4 @@ ROUTER = web.AppKey("router", Router)
 PROXY = web.AppKey("proxy", Proxy)
 HOSTED = web.AppKey("hosted", Hosted)
 UPLOADS = web.AppKey("uploads", Uploads)
+BUDGET = web.AppKey("budget", Budget)

@@ -64,12 +64,21 @@ def acceptable(media_type: str, types: set[str] | None) -> bool:
 
 class Proxy:
     def __init__(self, upstreams: dict[str, Upstream], index: Index, store: BlobStore,
-                 fills: Fills):
+                 fills: Fills, offline: bool = False):
         self.upstreams = upstreams
         self.index = index
         self.store = store
+        self.usage = store.usage
         self.fills = fills
+        self.offline = offline
         self._flights = Flights()
+
+    def _upstream(self, route: Route) -> Upstream:
+        if self.offline:
+            # Like an upstream that is down: tags are served stale, misses are 503.
+            raise Unavailable(f"this mirror is offline (server.offline = true): {route.key} "
+                              "is answered only from what it holds")
+        return self.upstreams[route.upstream.name]
 
     # Manifests.
     async def manifest(self, route: Route, reference: str, accept: list[str],
@@ -89,6 +98,7 @@ class Proxy:
                 ("revalidate", route.key, reference, cls),
                 lambda: self._revalidate(route, reference, cls, forward, record))
         if head:
+            self.usage.touch(record.digest)
             return Manifest(record.digest, record.media_type, record.size, None)
         return await self._by_digest(route, record.digest)
 
@@ -117,6 +127,7 @@ class Proxy:
     async def _by_digest(self, route: Route, digest: str) -> Manifest:
         found = self.index.manifest(digest)
         if found is not None:
+            self.usage.touch(digest)
             media_type, body = found
             return Manifest(digest, media_type, len(body), body)
         return await self._flights.run(
@@ -125,7 +136,7 @@ class Proxy:
     async def _fetch_manifest(self, route: Route, reference: str, accept: list[str],
                               head: bool) -> Manifest:
         """Ask the upstream; verify and store what a GET returns."""
-        upstream = self.upstreams[route.upstream.name]
+        upstream = self._upstream(route)
         answer = await upstream.fetch("HEAD" if head else "GET",
                                       f"/v2/{route.name}/manifests/{reference}",
                                       name=route.name, not_found=ManifestUnknown, accept=accept)
@@ -156,23 +167,26 @@ class Proxy:
 
     # Blobs.
     def blob_size(self, digest: str) -> int | None:
-        """The size of a committed blob, or None on a miss."""
-        return self.store.size(digest)
+        """The size of a committed blob (a hit, which refreshes its clock), or None."""
+        size = self.store.size(digest)
+        if size is not None:
+            self.usage.touch(digest)
+        return size
 
     def blob_fill(self, route: Route, digest: str) -> tuple[Fill, int]:
         """Join (or start) the fill of a missing blob; the descriptor reads its spool."""
-        upstream = self.upstreams[route.upstream.name]
+        upstream = self._upstream(route)
         return self.fills.join(digest, lambda start: upstream.blob(route.name, digest, start))
 
     async def blob_head(self, route: Route, digest: str) -> int:
         """The size of a blob, asking the upstream for a HEAD (never a body) on a miss."""
-        size = self.store.size(digest)
+        size = self.blob_size(digest)
         if size is not None:
             return size
         fill = self.fills.active.get(digest)
         if fill is not None and fill.size is not None:
             return fill.size
-        upstream = self.upstreams[route.upstream.name]
+        upstream = self._upstream(route)
         answer = await upstream.fetch("HEAD", f"/v2/{route.name}/blobs/{digest}",
                                       name=route.name, not_found=BlobUnknown)
         length = answer.headers.get("Content-Length", "")
@@ -195,7 +209,7 @@ class Proxy:
 
     async def _fetch_tags(self, route: Route) -> list[str]:
         """The upstream's whole tag list, following its own pagination; we paginate locally."""
-        upstream = self.upstreams[route.upstream.name]
+        upstream = self._upstream(route)
         path, tags = f"/v2/{route.name}/tags/list", set()
         for _ in range(MAX_TAG_PAGES):
             answer = await upstream.fetch("GET", path, name=route.name, not_found=NameUnknown)
@@ -213,7 +227,7 @@ class Proxy:
         return result
 
     async def referrers(self, route: Route, digest: str, artifact_type: str | None) -> Answer:
-        upstream = self.upstreams[route.upstream.name]
+        upstream = self._upstream(route)
         path = f"/v2/{route.name}/referrers/{digest}"
         if artifact_type is not None:
             path += "?" + urlencode({"artifactType": artifact_type})
