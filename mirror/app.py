@@ -21,6 +21,7 @@ from .fill import Fills
 from .index import Index
 from .access import Access
 from .hosted import Hosted
+from .housekeeping import adopt
 from .budget import Budget
 from .keys import BUDGET, CONFIG, HOSTED, PROXY, ROUTER, UPLOADS
 from .memory import Memory
@@ -53,8 +54,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     memory = Memory()
     usage = Usage(config.storage.root)
     store = BlobStore(config.storage.root, usage)
+    store.remove_spools()
     index = Index(config.storage.root, memory, usage)
     fills = Fills(store)
+    if usage.new and (adopted := adopt(store, index, usage)):
+        log.info("entered %d stored items into the new usage ledger", adopted)
     # auto_decompress off: blobs and manifests are hashed and served exactly as sent.
     session = aiohttp.ClientSession(
         auto_decompress=False,

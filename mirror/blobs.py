@@ -31,13 +31,19 @@ class BlobStore:
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
-        # Whatever is in tmp/ was a fill or upload that a crash or stop interrupted.
-        if self.tmp.exists():
-            leftovers = sum(1 for _ in self.tmp.iterdir())
-            if leftovers:
-                log.info("removing %d unfinished spool file(s) from %s", leftovers, self.tmp)
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def remove_spools(self) -> None:
+        """At the server's start: whatever is in tmp/ is a fill a crash or stop interrupted.
+        (Not for command-line tools: the server may be filling while they run.)"""
+        leftovers = list(self.tmp.iterdir())
+        if leftovers:
+            log.info("removing %d unfinished spool file(s) from %s", len(leftovers), self.tmp)
+        for path in leftovers:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def path(self, digest: str) -> Path:
         """The file of a digest that reference.parse_digest has already validated."""

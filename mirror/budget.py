@@ -10,7 +10,7 @@ first, until it is below the low watermark. The rules, so that nothing is served
   points to something deleted (its blobs become free to go in their own turn);
 - never evicted: what a hosted repository holds, pinned images and all they refer to,
   a blob still being filled (it is not in the ledger until committed), and anything used
-  in the last RECENT_SECONDS (a blob a client is about to open).
+  in the last `storage.keep_recent` seconds (a blob a client is about to open).
 
 An eviction pass reads the ledger's oldest rows through an index: its work grows with
 what it evicts, not with the size of the cache.
@@ -31,7 +31,6 @@ from .usage import Usage
 log = logging.getLogger("mirror")
 
 CHECK_SECONDS = 5.0
-RECENT_SECONDS = 10.0
 
 
 class Budget:
@@ -40,6 +39,7 @@ class Budget:
         self.max_size = config.max_size
         self.high = config.high_watermark
         self.low = config.low_watermark
+        self.keep_recent = config.keep_recent
         self.usage = usage
         self.store = store
         self.index = index
@@ -70,7 +70,7 @@ class Budget:
         """Evict least recently used items until the ledger holds at most `target` bytes."""
         before, started = self.used, time.monotonic()
         protected = self.hosted.held | self.usage.pinned_closure()
-        cutoff = time.time() - RECENT_SECONDS
+        cutoff = time.time() - self.keep_recent
         items = freed = 0
         for item in self.usage.oldest(cutoff):
             if self.used <= target:

@@ -53,6 +53,8 @@ class Storage:
     max_size: int | None = None
     high_watermark: float = 0.95
     low_watermark: float = 0.85
+    # Content used more recently than this is never evicted (a client may be opening it).
+    keep_recent: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,9 @@ def mirror_config(root: Path, upstream_url: str, **overrides) -> cfg.Config:
         cfg.Upstream("quay.io", upstream_url, aliases=("quay",), tag_ttl=ttl),
     ))
     server = overrides.pop("server", cfg.Server(listen="127.0.0.1:0"))
-    return cfg.Config(server=server, storage=cfg.Storage(root=str(root)), limits=limits,
-                      upstreams=upstreams, **overrides)
+    storage = cfg.Storage(root=str(root), **overrides.pop("storage", {}))
+    return cfg.Config(server=server, storage=storage, limits=limits, upstreams=upstreams,
+                      **overrides)
 
 
 @pytest.fixture

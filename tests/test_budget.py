@@ -1,0 +1,139 @@
+"""The disk budget: LRU eviction under a tiny storage.max_size while clients pull, with
+pinned and hosted content kept, shared layers kept while an image uses them, and an
+eviction pass whose work follows what it evicts, not the size of the cache."""
+
+import asyncio
+import hashlib
+import json
+
+from mirror.keys import BUDGET
+from mirror.usage import Usage
+from tests.conftest import fetched
+from tests.support import images
+
+MiB = 1 << 20
+ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json, "
+                    "application/vnd.oci.image.manifest.v1+json"}
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def pull(http, mirror, name, tag="latest"):
+    """Manifest by tag, then every blob; each body is checked against its digest."""
+    async with http.get(f"{mirror.url}/v2/{name}/manifests/{tag}", headers=ACCEPT) as resp:
+        assert resp.status == 200, await resp.text()
+        manifest = await resp.read()
+        assert sha256(manifest) == resp.headers["Docker-Content-Digest"]
+    document = json.loads(manifest)
+    for descriptor in [document["config"], *document["layers"]]:
+        async with http.get(f"{mirror.url}/v2/{name}/blobs/{descriptor['digest']}") as resp:
+            assert resp.status == 200
+            assert sha256(await resp.read()) == descriptor["digest"]  # never served broken
+    return sha256(manifest), document
+
+
+def budget(max_size):
+    return {"max_size": max_size, "high_watermark": 0.9, "low_watermark": 0.6,
+            "keep_recent": 0.0}
+
+
+async def settle(mirror):
+    for digest in list(mirror.proxy.fills.active):
+        while digest in mirror.proxy.fills.active:
+            await asyncio.sleep(0.01)
+
+
+def consistent(mirror):
+    """No tag record points to a missing manifest; no manifest to a missing blob."""
+    usage, index, store = mirror.proxy.usage, mirror.proxy.index, mirror.proxy.store
+    for key, digest in usage.db.execute("SELECT key, digest FROM tags"):
+        assert index.manifest(digest) is not None, key
+        assert index.db.get(key) is not None, key
+    for (parent,) in usage.db.execute("SELECT digest FROM items WHERE kind = 'manifest'"):
+        for child in usage.children(parent):
+            assert store.size(child) is not None or index.manifest(child) is not None
+
+
+async def test_tiny_budget_while_clients_pull_keeps_pinned_and_hosted(start_mirror, http,
+                                                                      upstream, tmp_path):
+    mirror = await start_mirror(root=tmp_path / "budget", storage=budget(10 * MiB))
+    evictor = mirror.server.app[BUDGET]
+
+    # Hosted content (1 MiB) and a pinned cached image (alpine, ~3 MiB).
+    layer = bytes(range(256)) * 4096
+    async with http.post(f"{mirror.url}/v2/hosted/app/blobs/uploads/?digest={sha256(layer)}",
+                         data=layer) as resp:
+        assert resp.status == 201
+    alpine, _ = await pull(http, mirror, "library/alpine", "3.19")
+    await settle(mirror)
+    assert mirror.proxy.usage.pin(alpine)
+
+    # Clients pull other images while eviction passes run in between.
+    others = [upstream.push_image(f"test/budget{i}", "latest", seed=f"budget{i}", size=MiB)
+              for i in range(6)]
+    for image in others:
+        await asyncio.gather(pull(http, mirror, image.name), pull(http, mirror, image.name))
+        await settle(mirror)
+        await evictor.check()
+        consistent(mirror)
+    assert evictor.used <= 10 * MiB * 0.9
+    assert evictor.evicted_items > 0
+
+    # Pinned and hosted content is all there, with the upstream gone.
+    upstream.proxy.down()
+    await pull(http, mirror, "library/alpine", "3.19")
+    async with http.get(f"{mirror.url}/v2/hosted/app/blobs/{sha256(layer)}") as resp:
+        assert await resp.read() == layer
+    # The oldest cached image went whole: its tag is a clean 503 now, not a broken pull.
+    async with http.get(f"{mirror.url}/v2/{others[0].name}/manifests/latest",
+                        headers=ACCEPT) as resp:
+        assert resp.status == 503
+    # The newest one is still served from the cache.
+    await pull(http, mirror, others[-1].name)
+
+
+async def test_a_shared_layer_stays_while_an_image_uses_it(start_mirror, http, upstream,
+                                                          tmp_path):
+    base = {"base.bin": images.random_bytes(MiB, "shared-base")}
+    old = images.push(upstream.registry, upstream.tokens, images.build_image(
+        "test/shared-old", ["latest"], [base, {"own": b"old" * 100_000}]))
+    new = images.push(upstream.registry, upstream.tokens, images.build_image(
+        "test/shared-new", ["latest"], [base, {"own": b"new" * 100_000}]))
+    shared = old.layer_digests[0]
+    assert shared == new.layer_digests[0]
+    mirror = await start_mirror(root=tmp_path / "shared", storage=budget(10 * MiB))
+    await pull(http, mirror, old.name)
+    await pull(http, mirror, new.name)
+    await settle(mirror)
+    # The old image is the least recently used; squeeze the budget so that it must go.
+    used = mirror.server.app[BUDGET].used
+    await mirror.server.app[BUDGET].evict(used - 1)
+    store = mirror.proxy.store
+    assert store.size(old.layer_digests[1]) is None and mirror.proxy.index.manifest(old.digest) is None
+    assert store.size(shared) is not None  # the new image still uses it
+    consistent(mirror)
+    upstream.proxy.reset()
+    await pull(http, mirror, new.name)
+    assert fetched(upstream) == 0
+
+
+def test_an_eviction_pass_reads_only_what_it_evicts(tmp_path):
+    usage = Usage(tmp_path)
+    with usage.db:
+        usage.db.executemany("INSERT INTO items (digest, kind, size, atime) VALUES (?, ?, ?, ?)",
+                             ((f"sha256:{i:064x}", "blob", 1000, 1000.0 + i)
+                              for i in range(200_000)))
+    usage._total = usage._sum()
+    rows = []
+    usage.db.set_trace_callback(rows.append)
+    evicted = []
+    for item in usage.oldest(before=2e9):
+        if len(evicted) == 10:
+            break
+        evicted.append(item.digest)
+        usage.remove(item.digest)
+    assert evicted == [f"sha256:{i:064x}" for i in range(10)]
+    assert len(rows) < 100  # a page of the index and the deletes, not a scan of 200k rows
+    assert usage.total() == 199_990 * 1000

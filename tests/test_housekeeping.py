@@ -1,0 +1,89 @@
+"""`mirror verify` finds and quarantines a corrupted blob; `mirror gc` removes leftovers and
+unreferenced blobs but keeps hosted, pinned and referenced content; an old storage root is
+adopted into the ledger."""
+
+import os
+import time
+
+from mirror import housekeeping
+from tests.conftest import fetched
+from tests.test_budget import pull, settle, sha256
+
+
+async def test_verify_quarantines_a_corrupt_blob_and_the_next_pull_heals(mirror, http,
+                                                                        upstream):
+    alpine = upstream.images["library/alpine"]
+    await pull(http, mirror, "library/alpine", "3.19")
+    await settle(mirror)
+    victim = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
+    path = mirror.proxy.store.path(victim)
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    storage = housekeeping.Storage(mirror.config)
+    try:
+        report = await housekeeping.verify(storage)
+    finally:
+        storage.close()
+    assert report.bad == [victim] and report.checked == len(alpine.blobs)
+    assert not path.exists()
+    assert (mirror.root / "quarantine" / victim.replace(":", "-")).read_bytes() == bytes(data)
+    assert mirror.proxy.index.db.get(f"m:{alpine.digest}") is None  # the manifest is forgotten
+    upstream.proxy.reset()
+    async with http.get(f"{mirror.url}/v2/library/alpine/blobs/{victim}") as resp:
+        assert sha256(await resp.read()) == victim
+    assert fetched(upstream, "GET", victim) == 1
+
+
+async def test_gc_removes_leftovers_and_orphans_and_keeps_what_is_used(mirror, http, upstream):
+    alpine = upstream.images["library/alpine"]
+    await pull(http, mirror, "library/alpine", "3.19")  # referenced by its manifest
+    layer = b"hosted layer"
+    async with http.post(f"{mirror.url}/v2/gc/hosted/blobs/uploads/?digest={sha256(layer)}",
+                         data=layer) as resp:
+        assert resp.status == 201
+    await settle(mirror)
+    store, usage = mirror.proxy.store, mirror.proxy.usage
+    # An orphan: a cached blob no manifest refers to, unused for two hours.
+    orphan = upstream.push_image("test/gc-orphan", "v", seed="orphan")
+    orphan_layer = orphan.layer_digests[0]
+    async with http.get(f"{mirror.url}/v2/test/gc-orphan/blobs/{orphan_layer}") as resp:
+        await resp.read()
+    await settle(mirror)
+    usage.flush()
+    usage.db.execute("UPDATE items SET atime = ? WHERE digest = ?", (time.time() - 7200,
+                                                                     orphan_layer))
+    # A file the ledger does not know, and a spool no fill touched for two hours.
+    stray = store.path("sha256:" + "ab" * 32)
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"stray")
+    spool = store.tmp / "fill-abandoned"
+    spool.write_bytes(b"half")
+    os.utime(spool, (time.time() - 7200, time.time() - 7200))
+
+    storage = housekeeping.Storage(mirror.config)
+    try:
+        report = await housekeeping.gc(storage)
+    finally:
+        storage.close()
+    assert report.removed == 3
+    assert not stray.exists() and not spool.exists() and store.size(orphan_layer) is None
+    assert all(store.size(d) is not None for d in alpine.blobs)
+    assert store.size(sha256(layer)) is not None
+
+
+async def test_a_storage_root_from_before_the_ledger_is_adopted(start_mirror, http, upstream,
+                                                               tmp_path):
+    first = await start_mirror(root=tmp_path / "old")
+    await pull(http, first, "library/alpine", "3.19")
+    await settle(first)
+    await first.server.close()
+    for name in ("usage.sqlite", "usage.sqlite-wal", "usage.sqlite-shm"):
+        (tmp_path / "old" / "index" / name).unlink(missing_ok=True)
+    second = await start_mirror(root=tmp_path / "old")
+    alpine = upstream.images["library/alpine"]
+    usage = second.proxy.usage
+    assert usage.item(alpine.digest).kind == "manifest"
+    assert set(usage.children(alpine.digest)) == set(alpine.blobs)
+    assert usage.total() == sum(len(b) for b in alpine.blobs.values()) + len(alpine.manifest)
