@@ -35,6 +35,7 @@ from .upstream import Answer, Upstream
 log = logging.getLogger("mirror")
 
 MAX_TAG_PAGES = 1000
+STALE_RETRY_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class Proxy:
         self.fills = fills
         self.offline = offline
         self._flights = Flights()
+        # After a failed revalidation a tag is served stale without asking again until
+        # this time, so a down upstream is not asked (nor the failure logged) per request.
+        self._stale_until: dict[tuple[str, str, str], float] = {}
 
     def _upstream(self, route: Route) -> Upstream:
         if self.offline:
@@ -93,7 +97,8 @@ class Proxy:
             return await self._flights.run(
                 ("tag", route.key, reference, cls, head),
                 lambda: self._refresh_tag(route, reference, cls, forward, head))
-        if not record.fresh(route.upstream.tag_ttl):
+        if not record.fresh(route.upstream.tag_ttl) and \
+                self._stale_until.get((route.key, reference, cls), 0) < time.monotonic():
             record = await self._flights.run(
                 ("revalidate", route.key, reference, cls),
                 lambda: self._revalidate(route, reference, cls, forward, record))
@@ -116,10 +121,13 @@ class Proxy:
         except (Unavailable, TooManyRequests) as e:
             log.warning("serving %s:%s stale (checked %.0fs ago): %s", route.key, tag,
                         time.time() - record.checked_at, e.message)
+            self._stale_until[(route.key, tag, cls)] = \
+                time.monotonic() + min(route.upstream.tag_ttl, STALE_RETRY_SECONDS)
             return record
         except ManifestUnknown:
             await self.index.drop_tag(route.key, tag, cls)
             raise
+        self._stale_until.pop((route.key, tag, cls), None)
         if manifest.digest != record.digest:
             log.info("%s:%s moved from %s to %s", route.key, tag, record.digest, manifest.digest)
         return await self.index.tag(route.key, tag, cls) or record

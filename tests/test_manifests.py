@@ -254,3 +254,16 @@ async def test_large_manifest_arrives_whole_and_byte_exact(mirror, http, upstrea
                                           f"{mirror.url}/v2/test/large-manifest/manifests/big")
     assert status == 200 and len(body) > 2_000_000
     assert body == image.manifest and headers["Docker-Content-Digest"] == image.digest
+
+
+async def test_a_down_upstream_is_not_asked_again_on_every_request(start_mirror, http,
+                                                                   upstream):
+    mirror = await start_mirror(tag_ttl=0.5)
+    url = f"{mirror.url}/v2/team/app/manifests/2.0"
+    await request(http, "GET", url)
+    await asyncio.sleep(0.6)
+    upstream.proxy.reset()
+    upstream.proxy.status(503, match="/manifests/")
+    for _ in range(5):
+        assert (await request(http, "GET", url))[2] == upstream.images["team/app"].manifest
+    assert upstream.proxy.count(contains="/manifests/") == 1  # one failed check, then a pause
