@@ -1,0 +1,234 @@
+"""`mirror ls` and `mirror du`: what the cache and the hosted repositories hold, and how much.
+
+Read from storage directly, with one pass over the index's keys: each tag record
+(`t:<upstream>/<name>:<tag>:<class>`) names a cached repository, a tag and the manifest it
+answers with. A repository's size is everything its tagged manifests reach — manifests,
+configs, layers, each counted once per repository — and its last use is the latest clock
+among them. Sizes, references and clocks come from the ledger; content the ledger does not
+know is measured from the manifest itself and the blob file. Each digest is looked up once
+however many repositories share it, so the cost is the number of tags plus the number of
+distinct digests they reach, never repositories times cache. Content shared by two
+repositories counts in each, and once in the totals of `du`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+from .config import Config
+from .errors import RegistryError
+from .hosted import Hosted
+from .local import Storage, human_size
+from .media import references
+from .reference import Router
+
+TOP = 10
+
+
+@dataclass(frozen=True)
+class Entry:
+    size: int
+    atime: float | None   # None: the ledger does not know this digest
+    children: tuple[str, ...]
+
+
+@dataclass
+class Repository:
+    name: str              # as clients pull it
+    kind: str              # "cached" or "hosted"
+    key: str = ""          # <upstream>/<name> for cached ones
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)  # tag -> {class: digest}
+    content: set[str] = field(default_factory=set)
+    size: int = 0
+    last_used: float | None = None
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "key": self.key or None,
+                "tags": self.tags, "size": self.size, "last_used": self.last_used}
+
+
+class Lookup:
+    """Size, clock and references of a digest, each asked of storage once."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.found: dict[str, Entry | None] = {}
+
+    def __call__(self, digest: str) -> Entry | None:
+        if digest not in self.found:
+            self.found[digest] = self._find(digest)
+        return self.found[digest]
+
+    def _find(self, digest: str) -> Entry | None:
+        item = self.storage.usage.item(digest)
+        manifest = None
+        if item is None or item.kind == "manifest":
+            manifest = self.storage.index.manifest(digest)
+        if item is not None:
+            children = self.storage.usage.children(digest) if item.kind == "manifest" else []
+            if manifest is not None and not children:
+                children = references(manifest[1])
+            return Entry(item.size, item.atime, tuple(children))
+        if manifest is not None:
+            return Entry(len(manifest[1]), None, tuple(references(manifest[1])))
+        size = self.storage.store.size(digest)
+        return None if size is None else Entry(size, None, ())
+
+    def closure(self, roots: set[str]) -> set[str]:
+        """The stored digests that `roots` reach (an index's missing platforms are skipped)."""
+        found: set[str] = set()
+        pending = list(roots)
+        while pending:
+            digest = pending.pop()
+            entry = self(digest)
+            if digest in found or entry is None:
+                continue
+            found.add(digest)
+            pending += entry.children
+        return found
+
+    def measure(self, repository: Repository, roots: set[str]) -> None:
+        repository.content = self.closure(roots)
+        entries = [self(d) for d in repository.content]
+        repository.size = sum(e.size for e in entries if e is not None)
+        clocks = [e.atime for e in entries if e is not None and e.atime is not None]
+        repository.last_used = max(clocks, default=None)
+
+
+def repositories(config: Config, storage: Storage, lookup: Lookup) -> list[Repository]:
+    cached = _cached(config, storage, lookup)
+    hosted = _hosted(config, storage, lookup)
+    return sorted(cached + hosted, key=lambda r: (r.name, r.kind))
+
+
+def _cached(config: Config, storage: Storage, lookup: Lookup) -> list[Repository]:
+    found: dict[str, Repository] = {}
+    for key in storage.index.db.iterkeys():
+        if not isinstance(key, str) or not key.startswith("t:"):
+            continue
+        record = storage.index.db.get(key)
+        if record is None:  # dropped since the iteration began
+            continue
+        # Upstream names may carry a port, tags and classes never hold a colon.
+        repo_key, tag, accept_class = key[2:].rsplit(":", 2)
+        repository = found.setdefault(repo_key, Repository(_client_name(config, repo_key),
+                                                           "cached", repo_key))
+        repository.tags.setdefault(tag, {})[accept_class] = record.digest
+    router = Router(config.upstreams)
+    for name in storage.index.repository_names():  # pulled by digest only: no tags
+        try:
+            key = router.route(name).key
+        except RegistryError:  # a catalog name from an upstream no longer configured
+            continue
+        found.setdefault(key, Repository(name, "cached", key))
+    for repository in found.values():
+        lookup.measure(repository, {d for c in repository.tags.values() for d in c.values()})
+    return list(found.values())
+
+
+def _client_name(config: Config, key: str) -> str:
+    """`docker.io/library/alpine` -> `library/alpine`: default-upstream names go unprefixed."""
+    for upstream in config.upstreams:
+        if key.startswith(upstream.name + "/"):
+            return key[len(upstream.name) + 1:] if upstream.default else key
+    return key
+
+
+def _hosted(config: Config, storage: Storage, lookup: Lookup) -> list[Repository]:
+    hosted = Hosted(config.storage.root, storage.index, storage.store, config.hosted,
+                    Router(config.upstreams))
+    try:
+        found = []
+        for name in hosted.names():
+            # Hosted has no public reader of a whole repository record (tags, manifests,
+            # blobs) yet; what is counted is everything the repository holds.
+            record = hosted._repo(name)
+            repository = Repository(name, "hosted",
+                                    tags={t: {"any": d} for t, d in record["tags"].items()})
+            lookup.measure(repository, set(record["manifests"]) | set(record["blobs"]))
+            found.append(repository)
+        return found
+    finally:
+        hosted.close()
+
+
+def totals(config: Config, storage: Storage, lookup: Lookup,
+           found: list[Repository]) -> dict:
+    cached = set().union(*(r.content for r in found if r.kind == "cached"))
+    hosted = set().union(*(r.content for r in found if r.kind == "hosted"))
+
+    def size(digests: set[str]) -> int:
+        return sum(e.size for e in map(lookup, digests) if e is not None)
+
+    # What the budget counts: the ledger, plus whatever it has not recorded.
+    unrecorded = {d for d in cached | hosted if (e := lookup(d)) is not None and e.atime is None}
+    used = storage.usage.total() + size(unrecorded)
+    budget = config.storage.max_size
+    top = sorted(found, key=lambda r: -r.size)[:TOP]
+    return {"cached_bytes": size(cached), "hosted_bytes": size(hosted), "used_bytes": used,
+            "budget_bytes": budget, "use_ratio": used / budget if budget else None,
+            "repositories": len(found),
+            "top": [{"name": r.name, "kind": r.kind, "size": r.size} for r in top]}
+
+
+def ls(config: Config, as_json: bool) -> int:
+    found, _ = asyncio.run(_gather(config))
+    if as_json:
+        print(json.dumps({"repositories": [r.as_json() for r in found]}, indent=2))
+        return 0
+    rows = [("REPOSITORY", "KIND", "SIZE", "LAST USE", "TAGS")]
+    rows += [(r.name, r.kind, human_size(r.size), _when(r.last_used), _tags(r)) for r in found]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
+        print("  ".join([*cells, row[4]]))
+    return 0
+
+
+def du(config: Config, as_json: bool) -> int:
+    _, summary = asyncio.run(_gather(config))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    budget = summary["budget_bytes"]
+    print(f"cached  {human_size(summary['cached_bytes'])}")
+    print(f"hosted  {human_size(summary['hosted_bytes'])}")
+    print(f"used    {human_size(summary['used_bytes'])} " + (
+        f"of a {human_size(budget)} budget ({100 * summary['use_ratio']:.1f}%)" if budget
+        else "(no budget: storage.max_size is not set)"))
+    if summary["top"]:
+        print("largest repositories:")
+        width = max(len(r["name"]) for r in summary["top"])
+        for r in summary["top"]:
+            print(f"  {r['name'].ljust(width)}  {r['kind']:6}  {human_size(r['size'])}")
+    return 0
+
+
+async def _gather(config: Config) -> tuple[list[Repository], dict]:
+    storage = Storage(config)
+    try:
+        lookup = Lookup(storage)
+        found = repositories(config, storage, lookup)
+        return found, totals(config, storage, lookup, found)
+    finally:
+        await storage.close()
+
+
+def _tags(repository: Repository) -> str:
+    """Tags; one that answers clients accepting indexes and clients accepting none with
+    different manifests shows both digests (the JSON always has every class)."""
+    shown = []
+    for tag, classes in sorted(repository.tags.items()):
+        if len(set(classes.values())) == 1:
+            shown.append(tag)
+        else:
+            shown.append(f"{tag} (" + ", ".join(f"{c}: {d[:19]}" for c, d in
+                                                 sorted(classes.items())) + ")")
+    return ", ".join(shown)
+
+
+def _when(clock: float | None) -> str:
+    return "-" if clock is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(clock))

@@ -1,0 +1,122 @@
+"""What the operator commands (prefetch, export, import, ls, du) share: image references as a
+person types them, and a mirror's storage opened from a process beside the running server.
+
+An image is written as a client pulls it from this mirror: `alpine:3.19`,
+`library/alpine@sha256:...`, `quay.io/coreos/etcd:v3.5` (a leading upstream name or alias
+picks the upstream, as `/v2/<name>` routing does), with the tag `latest` when none is given.
+The storage is opened without the server's start-up housekeeping: its `tmp/` holds the
+spool files of fills the running server is writing, which a second process must not remove,
+and the ledger (usage.py) is safe to share with the server.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .blobs import BlobStore
+from .config import Config
+from .errors import RegistryError
+from .index import Index
+from .memory import Memory
+from .reference import Route, Router, is_digest, parse_digest, parse_name, parse_tag
+from .usage import Usage
+
+
+class CommandError(Exception):
+    """A command cannot go on; the message is what the operator reads."""
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str       # as the client writes it, routed like /v2/<name>
+    reference: str  # a tag or a digest
+    text: str       # as it was typed, for messages
+
+    @property
+    def by_digest(self) -> bool:
+        return is_digest(self.reference)
+
+
+def parse_image(text: str) -> Image:
+    """`name[:tag]` or `name@digest`; a CommandError naming the image when it is malformed."""
+    text = text.strip()
+    try:
+        if "@" in text:
+            name, reference = text.split("@", 1)
+            parse_digest(reference)
+        elif text.rfind(":") > text.rfind("/"):
+            name, reference = text.rsplit(":", 1)
+            parse_tag(reference)
+        else:
+            name, reference = text, "latest"
+        parse_name(name)
+    except RegistryError as e:
+        raise CommandError(f"{text}: {e.message}") from None
+    return Image(name, reference, text)
+
+
+def route_image(router: Router, image: Image) -> Route:
+    try:
+        return router.route(image.name)
+    except RegistryError as e:
+        raise CommandError(f"{image.text}: {e.message}") from None
+
+
+def full_reference(route: Route, reference: str) -> str:
+    """`docker.io/library/alpine:3.19`: the name another mirror routes back to this upstream."""
+    return f"{route.key}{'@' if is_digest(reference) else ':'}{reference}"
+
+
+def catalog_name(route: Route) -> str:
+    """The name a client pulls a cached repository back by (as Proxy.catalog_name)."""
+    return route.name if route.upstream.default else route.key
+
+
+class Storage:
+    """Index, blob store and ledger of `config.storage.root`, for one command's lifetime.
+    (housekeeping.Storage opens uploads too, which expires them: not for read-only tools.)"""
+
+    def __init__(self, config: Config, create: bool = False):
+        root = config.storage.root
+        if create:  # an import may be what starts a new (air-gapped) mirror's cache
+            os.makedirs(root, exist_ok=True)
+        elif not os.path.isdir(root):
+            raise CommandError(f"storage.root {root} does not exist; is --config the "
+                               "mirror's config?")
+        # Index and BlobStore keep the ledger as they store (the server's own rules); the
+        # spools in tmp/ are left alone, as they may be the running server's fills.
+        self.usage = Usage(root)
+        self.store = BlobStore(root, self.usage)
+        self.memory = Memory()
+        self.index = Index(root, self.memory, self.usage)
+
+    async def close(self) -> None:
+        self.usage.close()
+        self.index.close()
+        await self.memory.close()
+
+
+def image_blobs(document: dict) -> list[tuple[str, int | None]]:
+    """(digest, size) of the blobs a single-platform manifest stores: its config, layers (an
+    artifact's blobs). Foreign layers, which carry `urls`, are not served by registries, so
+    clients never ask for them and the cache never holds them. Schema1 states no sizes."""
+    found: list[tuple[str, int | None]] = []
+    descriptors = [document.get("config"), *(document.get("layers") or []),
+                   *(document.get("blobs") or [])]
+    for d in descriptors:
+        if isinstance(d, dict) and isinstance(d.get("digest"), str) and not d.get("urls"):
+            size = d.get("size")
+            found.append((d["digest"], size if isinstance(size, int) else None))
+    for layer in document.get("fsLayers") or []:
+        if isinstance(layer, dict) and isinstance(layer.get("blobSum"), str):
+            found.append((layer["blobSum"], None))
+    return found
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
