@@ -59,6 +59,10 @@ class Hosted:
     def names(self) -> list[str]:
         return sorted(self._names)
 
+    def repository(self, name: str) -> dict:
+        """{"tags": {tag: digest}, "manifests": {digest: type}, "blobs": {digest: size}}."""
+        return self._repo(name)
+
     def _repo(self, name: str) -> dict:
         repo = self.db.get(f"repo:{name}")
         if repo is None:

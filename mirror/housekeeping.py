@@ -24,7 +24,7 @@ from .blobs import BlobStore
 from .hosted import Hosted
 from .index import Index
 from .media import references
-from .memory import Memory
+from .local import Storage
 from .reference import Router
 from .uploads import Uploads
 from .usage import Usage
@@ -38,26 +38,6 @@ class Report:
     removed: int = 0
     removed_bytes: int = 0
     bad: list[str] = field(default_factory=list)
-
-
-class Storage:
-    """The stores of one storage root, opened for a command-line tool."""
-
-    def __init__(self, config: cfg.Config):
-        root = config.storage.root
-        self.root = Path(root)
-        self.usage = Usage(root)
-        self.store = BlobStore(root, self.usage)
-        self.memory = Memory()
-        self.index = Index(root, self.memory, self.usage)
-        self.hosted = Hosted(root, self.index, self.store, config.hosted,
-                             Router(config.upstreams))
-        self.uploads = Uploads(root, self.store, config.hosted.upload_ttl)
-
-    def close(self) -> None:
-        self.hosted.close()
-        self.index.close()
-        self.usage.close()
 
 
 def adopt(store: BlobStore, index: Index, usage: Usage) -> int:
@@ -76,51 +56,66 @@ def adopt(store: BlobStore, index: Index, usage: Usage) -> int:
     return count
 
 
-async def gc(storage: Storage, grace: float = 3600.0) -> Report:
+async def gc(config: cfg.Config, grace: float = 3600.0) -> Report:
     report = Report()
-    storage.uploads.expire()
-    now = time.time()
-    for path in storage.store.tmp.iterdir():
-        if now - path.stat().st_mtime > SPOOL_GRACE:
-            report.removed += 1
-            report.removed_bytes += path.stat().st_size
-            path.unlink(missing_ok=True)
-    kept = storage.hosted.held | storage.usage.pinned_closure()
-    for path, digest in _blob_files(storage.store):
-        report.checked += 1
-        item = storage.usage.item(digest)
-        unknown = item is None
-        unreferenced = item is not None and item.atime < now - grace \
-            and not storage.usage.parents(digest)
-        if digest not in kept and (unknown or unreferenced):
-            report.removed += 1
-            report.removed_bytes += path.stat().st_size
-            storage.store.remove(digest)
+    storage = Storage(config)
+    hosted = _hosted(config, storage)
+    try:
+        Uploads(config.storage.root, storage.store, config.hosted.upload_ttl).expire()
+        now = time.time()
+        for path in storage.store.tmp.iterdir():
+            if now - path.stat().st_mtime > SPOOL_GRACE:
+                report.removed += 1
+                report.removed_bytes += path.stat().st_size
+                path.unlink(missing_ok=True)
+        kept = hosted.held | storage.usage.pinned_closure()
+        for path, digest in _blob_files(storage.store):
+            report.checked += 1
+            item = storage.usage.item(digest)
+            unknown = item is None
+            unreferenced = item is not None and item.atime < now - grace \
+                and not storage.usage.parents(digest)
+            if digest not in kept and (unknown or unreferenced):
+                report.removed += 1
+                report.removed_bytes += path.stat().st_size
+                storage.store.remove(digest)
+    finally:
+        hosted.close()
+        await storage.close()
     return report
 
 
-async def verify(storage: Storage, progress=None) -> Report:
+async def verify(config: cfg.Config, progress=None) -> Report:
     report = Report()
-    files = list(_blob_files(storage.store))
-    quarantine = storage.root / "quarantine"
-    for number, (path, digest) in enumerate(files, 1):
-        if progress:
-            progress(number, len(files), digest)
-        report.checked += 1
-        algorithm, _, expected = digest.partition(":")
-        hasher = hashlib.new(algorithm)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                hasher.update(chunk)
-        if hasher.hexdigest() == expected:
-            continue
-        report.bad.append(digest)
-        quarantine.mkdir(exist_ok=True)
-        os.replace(path, quarantine / f"{algorithm}-{expected}")
-        for parent in _ancestors(storage.usage, digest):
-            await storage.index.drop_manifest(parent)
-        storage.usage.remove(digest)
+    storage = Storage(config)
+    try:
+        files = list(_blob_files(storage.store))
+        quarantine = Path(config.storage.root) / "quarantine"
+        for number, (path, digest) in enumerate(files, 1):
+            if progress:
+                progress(number, len(files), digest)
+            report.checked += 1
+            algorithm, _, expected = digest.partition(":")
+            hasher = hashlib.new(algorithm)
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    hasher.update(chunk)
+            if hasher.hexdigest() == expected:
+                continue
+            report.bad.append(digest)
+            quarantine.mkdir(exist_ok=True)
+            os.replace(path, quarantine / f"{algorithm}-{expected}")
+            for parent in _ancestors(storage.usage, digest):
+                await storage.index.drop_manifest(parent)
+            storage.usage.remove(digest)
+    finally:
+        await storage.close()
     return report
+
+
+def _hosted(config: cfg.Config, storage: Storage) -> Hosted:
+    return Hosted(config.storage.root, storage.index, storage.store, config.hosted,
+                  Router(config.upstreams))
 
 
 def _ancestors(usage: Usage, digest: str) -> list[str]:

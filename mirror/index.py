@@ -29,7 +29,8 @@ from .usage import Usage
 log = logging.getLogger("mirror")
 
 HOT_MANIFEST_BYTES = 32 << 20
-HOT_TAG_SECONDS = 3600
+# Short enough that what another process writes (mirror import) is seen soon.
+HOT_TAG_SECONDS = 30
 
 
 @dataclass(frozen=True)

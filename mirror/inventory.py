@@ -145,7 +145,7 @@ def _hosted(config: Config, storage: Storage, lookup: Lookup) -> list[Repository
         for name in hosted.names():
             # Hosted has no public reader of a whole repository record (tags, manifests,
             # blobs) yet; what is counted is everything the repository holds.
-            record = hosted._repo(name)
+            record = hosted.repository(name)
             repository = Repository(name, "hosted",
                                     tags={t: {"any": d} for t, d in record["tags"].items()})
             lookup.measure(repository, set(record["manifests"]) | set(record["blobs"]))

@@ -21,11 +21,7 @@ async def test_verify_quarantines_a_corrupt_blob_and_the_next_pull_heals(mirror,
     data[1000] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    storage = housekeeping.Storage(mirror.config)
-    try:
-        report = await housekeeping.verify(storage)
-    finally:
-        storage.close()
+    report = await housekeeping.verify(mirror.config)
     assert report.bad == [victim] and report.checked == len(alpine.blobs)
     assert not path.exists()
     assert (mirror.root / "quarantine" / victim.replace(":", "-")).read_bytes() == bytes(data)
@@ -62,11 +58,7 @@ async def test_gc_removes_leftovers_and_orphans_and_keeps_what_is_used(mirror, h
     spool.write_bytes(b"half")
     os.utime(spool, (time.time() - 7200, time.time() - 7200))
 
-    storage = housekeeping.Storage(mirror.config)
-    try:
-        report = await housekeeping.gc(storage)
-    finally:
-        storage.close()
+    report = await housekeeping.gc(mirror.config)
     assert report.removed == 3
     assert not stray.exists() and not spool.exists() and store.size(orphan_layer) is None
     assert all(store.size(d) is not None for d in alpine.blobs)
