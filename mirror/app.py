@@ -14,7 +14,7 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import errors, routes
+from . import errors, logs, metrics, routes
 from .blobs import BlobStore
 from .config import Config
 from .fill import Fills
@@ -45,6 +45,8 @@ def make_app(config: Config) -> web.Application:
     app[ROUTER] = Router(config.upstreams)
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(_api_version)
+    app.on_response_prepare.append(metrics.on_response_prepare)
+    logs.install(app, config.server.log_format)
     routes.setup(app)
     return app
 

@@ -11,6 +11,7 @@ import sys
 from . import config as cfg
 
 ACCESS_LOG = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
+CACHE_COMMANDS = ("prefetch", "export", "import", "ls", "du")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +41,12 @@ def main(argv: list[str] | None = None) -> None:
                       help="a DNS name or IP address clients use for the mirror (repeatable)")
     init.add_argument("--dir", metavar="DIR",
                       help="where to write them (default: <storage.root>/tls)")
+    _add_cache_commands(commands)
+    gc = commands.add_parser("gc", help="remove expired uploads, abandoned spools and blobs "
+                                        "nothing refers to")
+    gc.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                    help="keep unreferenced blobs used more recently than this (default 3600)")
+    commands.add_parser("verify", help="re-hash every stored blob; quarantine bad ones")
     args = parser.parse_args(argv)
 
     try:
@@ -52,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         _user_add(config, args)
     elif args.command == "tls":
         _tls_init(config, args)
+    elif args.command in CACHE_COMMANDS:
+        sys.exit(_cache_command(config, args))
+    elif args.command in ("gc", "verify"):
+        sys.exit(_housekeeping(config, args))
 
 
 def _user_add(config: cfg.Config, args: argparse.Namespace) -> None:
@@ -87,12 +98,101 @@ def _tls_init(config: cfg.Config, args: argparse.Namespace) -> None:
     print(client_instructions(directory, args.host, config.server.port))
 
 
+def _housekeeping(config: cfg.Config, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import housekeeping
+    from .local import CommandError, human_size
+
+    try:
+        if args.command == "gc":
+            report = asyncio.run(housekeeping.gc(config, args.grace))
+            print(f"checked {report.checked} blobs; removed {report.removed} files, "
+                  f"{human_size(report.removed_bytes)}")
+            return 0
+        report = asyncio.run(housekeeping.verify(config, housekeeping.terminal_progress))
+    except CommandError as e:
+        print(f"mirror: {e}", file=sys.stderr)
+        return 1
+    for digest in report.bad:
+        print(f"BAD {digest}: moved to {config.storage.root}/quarantine/; the next pull "
+              "fetches it again")
+    print(f"verified {report.checked} blobs: {report.checked - len(report.bad)} good, "
+          f"{len(report.bad)} bad")
+    return 1 if report.bad else 0
+
+
+def _add_cache_commands(commands: argparse._SubParsersAction) -> None:
+    """prefetch, export, import, ls, du: the operator's view of the cache."""
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=summary, description=summary)
+        parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                            help="TOML config file (may also come before the command)")
+        return parser
+
+    prefetch = command("prefetch", "pull images through the running mirror into its cache")
+    prefetch.add_argument("images", nargs="*", metavar="IMAGE",
+                          help="as a client pulls it from the mirror: alpine:3.19, "
+                               "quay.io/coreos/etcd:v3.5, library/alpine@sha256:...")
+    prefetch.add_argument("--file", metavar="LIST", help="more images, one per line")
+    prefetch.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                          help="of an index, only this platform (default: all)")
+    prefetch.add_argument("--pin", action="store_true",
+                          help="never evict these images (needs this mirror's storage.root)")
+    prefetch.add_argument("--mirror", metavar="URL",
+                          help="the mirror to pull through (default: http://127.0.0.1:<port "
+                               "of server.listen>)")
+    prefetch.add_argument("--jobs", type=int, default=4, metavar="N",
+                          help="requests in flight (default: 4)")
+
+    export = command("export", "write cached images to an OCI image layout tar")
+    export.add_argument("images", nargs="+", metavar="IMAGE")
+    export.add_argument("-o", "--output", required=True, metavar="BUNDLE.tar")
+
+    load = command("import", "load an OCI image layout tar into the cache")
+    load.add_argument("bundle", metavar="BUNDLE.tar")
+
+    for name, summary in (("ls", "list cached and hosted repositories, tags, sizes, last use"),
+                       ("du", "disk use: cached, hosted, budget, largest repositories")):
+        command(name, summary).add_argument("--json", action="store_true",
+                                         help="machine-readable output")
+
+
+def _cache_command(config: cfg.Config, args: argparse.Namespace) -> int:
+    from .local import CommandError
+
+    try:
+        if args.command == "prefetch":
+            from . import prefetch
+
+            images = args.images + (prefetch.read_list(args.file) if args.file else [])
+            return prefetch.run(config, images, args.platform, args.pin, args.mirror, args.jobs)
+        if args.command == "export":
+            from .bundle import export
+
+            return export(config, args.images, args.output)
+        if args.command == "import":
+            from .unbundle import import_bundle
+
+            return import_bundle(config, args.bundle)
+        from . import inventory
+
+        return (inventory.ls if args.command == "ls" else inventory.du)(config, args.json)
+    except CommandError as e:
+        print(f"mirror: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
 def _serve(config: cfg.Config) -> None:
     from aiohttp import web
 
+    from . import logs
     from .app import make_app, ssl_context
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    access_log_class = logs.setup(config.server.log_format)
     access_log = logging.getLogger("aiohttp.access") if config.server.access_log else None
     if config.access.htpasswd is not None and not os.path.isfile(config.access.htpasswd):
         sys.exit(f"mirror: access.htpasswd: no such file {config.access.htpasswd} "
@@ -109,4 +209,5 @@ def _serve(config: cfg.Config) -> None:
     except (OSError, ValueError) as e:
         sys.exit(f"mirror: cannot load server.tls_certificate / server.tls_key: {e}")
     web.run_app(make_app(config), host=config.server.host, port=config.server.port,
-                access_log=access_log, access_log_format=ACCESS_LOG, ssl_context=tls, print=None)
+                access_log=access_log, access_log_class=access_log_class,
+                access_log_format=ACCESS_LOG, ssl_context=tls, print=None)

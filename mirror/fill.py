@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol
 
+from . import metrics
 from .blobs import BlobStore, pwrite_all
 from .errors import BodyBroken, RegistryError, Unavailable
 
@@ -77,6 +78,7 @@ class Fill:
         self.committed = False
         self.error: RegistryError | None = None
         self.partial: Partial | None = None  # set when this fill broke off and can resume
+        self.readers = 0  # responses reading it now (routes.blob counts them)
         self._open_body = open_body
         if partial is None:
             self._fd, self.spool = store.spool()
@@ -164,6 +166,7 @@ class Fill:
         self.store.commit(self.spool, self.digest)
         self.committed = True
         seconds = time.monotonic() - self._began
+        metrics.FILL_SECONDS.observe(seconds)
         log.info("stored %s: %d bytes in %.2fs (%.0f MiB/s)", self.digest, self.written,
                  seconds, self.written / seconds / (1 << 20) if seconds else 0)
 
@@ -208,6 +211,7 @@ class Fill:
 
     def _fail(self, error: RegistryError) -> None:
         self.error = error
+        metrics.FILLS_FAILED.inc()
         if not self._started.done():
             self._started.set_exception(error)
             self._started.exception()  # nobody may be waiting; do not warn about it

@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from . import push
+from . import metrics, push, status
 from .errors import ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
 from .keys import HOSTED, PROXY, ROUTER
 from .media import OCI_INDEX
@@ -39,6 +39,17 @@ def setup(app: web.Application) -> None:
         r.add_get(f"{base}/{{name:.+}}/blobs/{{digest}}", blob)
         r.add_delete(f"{base}/{{name:.+}}/blobs/{{digest}}", push.delete_blob)
         r.add_get(f"{base}/{{name:.+}}/referrers/{{digest}}", referrers)
+    # No /v2/ in these, so they never collide with the registry's routes.
+    r.add_get("/", status.page)
+    r.add_get("/metrics", status.metrics_text)
+    r.add_get("/healthz", status.healthz)
+    r.add_get("/readyz", status.readyz)
+    metrics.ROUTE_NAMES.update({
+        ping: "ping", catalog: "catalog", tags_list: "tags", manifest: "manifest",
+        push.put_manifest: "manifest", push.delete_manifest: "manifest", blob: "blob",
+        push.delete_blob: "blob", push.start_upload: "upload", push.upload: "upload",
+        referrers: "referrers", status.page: "status", status.metrics_text: "metrics",
+        status.healthz: "healthz", status.readyz: "readyz"})
 
 
 # yarl resolves dot segments and decodes %2e / %2f before routing, which would turn
@@ -84,9 +95,19 @@ async def manifest(request: web.Request) -> web.Response:
     head = request.method == "HEAD"
     if name := hosted(request):
         found = request.app[HOSTED].manifest(name, reference)
+        metrics.REPOSITORIES.add(name)
     else:
-        found = await request.app[PROXY].manifest(route(request), reference,
-                                                  request.headers.getall("Accept", []), head)
+        target = route(request)
+        key = target.key
+        metrics.REPOSITORIES.add(key)
+        lookup = metrics.start_lookup(key, reference)
+        try:
+            found = await request.app[PROXY].manifest(target, reference,
+                                                      request.headers.getall("Accept", []), head)
+        finally:
+            hit = metrics.finish_lookup(lookup)
+        if hit and not head:
+            metrics.CACHE_BYTES.inc(found.size, "manifest")
     # Exact bytes and type: no charset (aiohttp's text= would add one), and Content-Length
     # on HEAD too, or Docker abandons the mirror.
     headers = {"Content-Type": found.media_type, "Docker-Content-Digest": found.digest,
@@ -105,9 +126,19 @@ async def blob(request: web.Request) -> web.StreamResponse:
         size = await proxy.blob_head(route(request), digest)
     else:
         size = proxy.blob_size(digest)
-        if size is None:
+        if size is not None:
+            metrics.CACHE_HITS.inc(1, "blob")
+            request[metrics.CACHE_HIT] = True  # its bytes are counted when it is prepared
+        else:
+            metrics.CACHE_MISSES.inc(1, "blob")
+            if digest in proxy.fills.active:
+                metrics.COALESCED.inc(1, "blob")
             fill, fd = proxy.blob_fill(route(request), digest)
-            return await fill_response(request, fill, fd, headers)
+            fill.readers += 1
+            try:
+                return await fill_response(request, fill, fd, headers)
+            finally:
+                fill.readers -= 1
     if request.method == "HEAD":
         return web.Response(headers={**headers, "Content-Length": str(size)})
     return await file_response(request, proxy.store.path(digest), size, headers)

@@ -26,6 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import config as cfg
+from . import metrics
 from .auth import Authenticator, parse_challenges
 from .errors import BlobUnknown, BodyBroken, Denied, RegistryError, TooManyRequests, Unavailable
 from .memory import Memory
@@ -45,12 +46,15 @@ class Body:
     start: int
     size: int | None
     response: aiohttp.ClientResponse
+    upstream: str = ""  # its name, for the metrics
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self.response.content.iter_chunked(BODY_CHUNK):
+                metrics.UPSTREAM_BYTES.inc(len(chunk), self.upstream)
                 yield chunk
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            metrics.UPSTREAM_ERRORS.inc(1, self.upstream)
             raise BodyBroken(f"upstream body broke off: {e.__class__.__name__} {e}") from e
 
 
@@ -81,6 +85,7 @@ class Upstream:
         self.auth = Authenticator(config, session, memory, self._small)
         self.paused_until = 0.0
         self.last_error: str | None = None
+        self.last_ok: float | None = None  # wall-clock time of the last successful answer
 
     @asynccontextmanager
     async def open(self, method: str, path: str, *, name: str, not_found: type[RegistryError],
@@ -92,9 +97,11 @@ class Upstream:
             if (pause := self.paused_until - time.monotonic()) > 0:
                 log.info("upstream %s asked to slow down; waiting %.1fs", self.name, pause)
                 await asyncio.sleep(pause)
+            metrics.upstream_request(self.name, name, path)
             try:
                 resp = await self._send(method, path, name, accept, stream, headers or {})
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                metrics.UPSTREAM_ERRORS.inc(1, self.name)
                 self.last_error = f"{e.__class__.__name__} {e}"
                 raise Unavailable(f"upstream {self.name} is unreachable: {self.last_error}") from e
             try:
@@ -115,7 +122,9 @@ class Upstream:
                         raise Unavailable(
                             f"upstream {self.name} sent more than {limit} bytes for {path}")
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                metrics.UPSTREAM_ERRORS.inc(1, self.name)
                 raise Unavailable(f"upstream {self.name} broke off: {e}") from e
+            metrics.UPSTREAM_BYTES.inc(len(body), self.name)
             return Answer(r.status, r.headers, bytes(body))
 
     @asynccontextmanager
@@ -126,9 +135,9 @@ class Upstream:
                              not_found=BlobUnknown, stream=True, headers=headers) as resp:
             if resp.status == 206:
                 first, total = _content_range(resp.headers.get("Content-Range", ""))
-                yield Body(first, total, resp)
+                yield Body(first, total, resp, self.name)
             else:
-                yield Body(0, resp.content_length, resp)
+                yield Body(0, resp.content_length, resp, self.name)
 
     async def _send(self, method: str, path: str, name: str, accept: list[str],
                     stream: bool, extra: dict[str, str]) -> aiohttp.ClientResponse:
@@ -175,7 +184,7 @@ class Upstream:
                not_found: type[RegistryError]) -> None:
         status = resp.status
         if status < 300:
-            self.last_error = None
+            self.last_error, self.last_ok = None, time.time()
             return
         if status == 404:
             raise not_found(f"{name} is not known to upstream {self.name}")
@@ -187,9 +196,12 @@ class Upstream:
             delay = float(retry_after) if retry_after.isdigit() else 1.0
             self.paused_until = time.monotonic() + min(delay, 300.0)
             self.last_error = "429 Too Many Requests"
+            metrics.UPSTREAM_RATE_LIMITED.inc(1, self.name)
+            metrics.UPSTREAM_ERRORS.inc(1, self.name)
             raise TooManyRequests(f"upstream {self.name} is rate limiting this mirror",
                                   headers={"Retry-After": retry_after or "1"})
         self.last_error = f"HTTP {status}"
+        metrics.UPSTREAM_ERRORS.inc(1, self.name)
         raise Unavailable(f"upstream {self.name} answered {status} for {name}")
 
 

@@ -79,3 +79,20 @@ async def test_a_storage_root_from_before_the_ledger_is_adopted(start_mirror, ht
     assert usage.item(alpine.digest).kind == "manifest"
     assert set(usage.children(alpine.digest)) == set(alpine.blobs)
     assert usage.total() == sum(len(b) for b in alpine.blobs.values()) + len(alpine.manifest)
+
+
+async def test_verify_and_gc_commands(mirror, http, upstream, tmp_path):
+    from tests.commands import run, write_config
+    alpine = upstream.images["library/alpine"]
+    await pull(http, mirror, "library/alpine", "3.19")
+    await settle(mirror)
+    config = write_config(tmp_path / "mirror.toml", mirror.config)
+    result = await run(config, "verify")
+    assert result.code == 0 and f"verified {len(alpine.blobs)} blobs" in result.out
+    victim = alpine.layer_digests[0]
+    path = mirror.proxy.store.path(victim)
+    path.write_bytes(path.read_bytes() + b"!")
+    result = await run(config, "verify")
+    assert result.code == 1 and f"BAD {victim}" in result.out
+    result = await run(config, "gc")
+    assert result.code == 0 and "removed 0 files" in result.out  # all still referenced

@@ -1,0 +1,129 @@
+"""Log lines, as readable text or one JSON object per line, and the request id of every response.
+
+`setup(log_format)` configures the process's logging once (`mirror serve` calls it) and
+returns the access logger class for aiohttp. In "json" mode every line, aiohttp's access
+lines included, is one object:
+
+    {"time": "2026-01-02T03:04:05.678+00:00", "level": "info", "logger": "aiohttp.access",
+     "message": "GET /v2/ 200", "request_id": "5f0c1a2b00000007", "method": "GET",
+     "path": "/v2/", "status": 200, "bytes": 190, "duration": 0.0004,
+     "user_agent": "curl/8.5.0", "remote": "127.0.0.1"}
+
+(`bytes`: the response's size with its headers, as aiohttp's `%b`; `duration`: seconds).
+A line logged while a request is handled (an upstream failure, a fill it started) carries
+that request's id too. In both modes every response echoes `X-Request-Id`: the client's own
+when it sent a sane one (so a proxy's or a client's id ties the lines together), else a
+new one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+from contextvars import ContextVar
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_log import AccessLogger
+from multidict import istr
+
+HEADER = istr("X-Request-Id")  # istr: no case-folding per request
+# What a client may choose as its id: printable, no spaces or quotes, not too long.
+SANE_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
+ACCESS_FIELDS = ("method", "path", "status", "bytes", "duration", "user_agent", "remote")
+REQUEST_ID = web.RequestKey("request_id", str)
+
+# A generated id: 8 hex digits drawn once per process, then a counter. Unique across
+# restarts and instances without a random draw per request.
+_prefix = os.urandom(4).hex()
+_counter = itertools.count(1)
+_current: ContextVar[str | None] = ContextVar("mirror_request_id", default=None)
+
+
+def new_id(request: web.BaseRequest) -> str:
+    given = request.headers.get(HEADER)
+    if given is not None and SANE_ID.fullmatch(given):
+        return given
+    return f"{_prefix}{next(_counter):08x}"
+
+
+def install(app: web.Application, log_format: str) -> None:
+    """Give every response an X-Request-Id; in JSON mode, every log line of a request too."""
+    if log_format == "json":
+        app.middlewares.insert(0, _bind)
+        app.on_response_prepare.append(_echo_bound)
+    else:
+        app.on_response_prepare.append(_echo)
+
+
+async def _echo(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[HEADER] = new_id(request)
+
+
+@web.middleware
+async def _bind(request: web.Request, handler):
+    request[REQUEST_ID] = request_id = new_id(request)
+    token = _current.set(request_id)
+    try:
+        return await handler(request)
+    finally:
+        _current.reset(token)
+
+
+async def _echo_bound(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[HEADER] = request.get(REQUEST_ID) or new_id(request)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc)
+                            .isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None) or _current.get()
+        if request_id is not None:
+            line["request_id"] = request_id
+        for field in ACCESS_FIELDS:
+            if field in record.__dict__:
+                line[field] = record.__dict__[field]
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """aiohttp's access line as fields of a JSON log line."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info("%s %s %s", request.method, request.path_qs, response.status, extra={
+            "request_id": response.headers.get(HEADER),
+            "method": request.method,
+            "path": request.path_qs,
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration": round(time, 6),
+            "user_agent": request.headers.get("User-Agent"),
+            "remote": request.remote,
+        })
+
+
+def setup(log_format: str) -> type[AbstractAccessLogger]:
+    """Configure the root logger for `log_format`; the access logger class to use."""
+    if log_format != "json":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        return AccessLogger
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    return JsonAccessLogger

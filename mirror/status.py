@@ -1,0 +1,275 @@
+"""What the mirror is doing, for people and for machines: the status page at `/`, the
+Prometheus metrics at `/metrics`, and the probes `/healthz` (alive) and `/readyz` (storage
+writable and index open).
+
+The page is plain HTML with inline CSS and a meta refresh, no JavaScript; every value that
+comes from outside (repository names, upstream errors, digests) goes through html.escape.
+None of these paths has a `/v2/` in it, so none can collide with the registry's routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from html import escape
+from pathlib import Path
+
+from aiohttp import web
+
+from . import metrics
+from .keys import CONFIG, PROXY
+
+READY_TIMEOUT = 2.0  # a hung disk makes /readyz fail, never hang
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 when a file can be created in <root>/tmp and the index answers a read; else 503
+    naming what failed. The checks run on a thread: a stuck disk must not stop the loop."""
+    proxy = request.app[PROXY]
+    checks = {"storage": lambda: _writable(proxy.store.tmp),
+              "index": lambda: proxy.index.db.get("readyz")}
+    loop = asyncio.get_running_loop()
+    failed = {}
+    for name, check in checks.items():
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, check), READY_TIMEOUT)
+        except TimeoutError:
+            failed[name] = f"no answer within {READY_TIMEOUT:g}s"
+        except Exception as e:  # whatever it is, the mirror cannot serve
+            failed[name] = f"{e.__class__.__name__}: {e}"
+    if failed:
+        return _json({"status": "unready", "failed": failed}, status=503)
+    return _json({"status": "ok"})
+
+
+def _writable(directory: Path) -> None:
+    fd, name = tempfile.mkstemp(prefix="readyz-", dir=directory)
+    try:
+        os.write(fd, b"ok")
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    metrics.FILLS_IN_PROGRESS.set(len(request.app[PROXY].fills.active))
+    return web.Response(body=metrics.render().encode(),
+                        headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def _json(document: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=json.dumps(document).encode(),
+                        headers={"Content-Type": "application/json"})
+
+
+# The page.
+async def page(request: web.Request) -> web.Response:
+    body = render(request.app, request.host)
+    return web.Response(body=body.encode(), headers={
+        "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+
+def hit_ratio() -> float | None:
+    """Manifest and blob requests answered from the cache, of all of them."""
+    hits, misses = metrics.CACHE_HITS.total(), metrics.CACHE_MISSES.total()
+    return hits / (hits + misses) if hits + misses else None
+
+
+def percent(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio * 100:.1f}%"
+
+
+def render(app: web.Application, host: str) -> str:
+    config, proxy = app[CONFIG], app[PROXY]
+    used, budget = metrics.disk()
+    budget = budget or config.storage.max_size
+    served, fetched = metrics.CACHE_BYTES.total(), metrics.UPSTREAM_BYTES.total()
+    hits, misses = metrics.CACHE_HITS.total(), metrics.CACHE_MISSES.total()
+    evicted = metrics.EVICTIONS.total(), metrics.EVICTED_BYTES.total()
+    cards = [
+        _card("Disk", [
+            ("used", "not reported" if used is None else _bytes(used)),
+            ("budget", "no limit" if not budget else _bytes(budget)),
+            ("evicted", f"{_count(evicted[0])} ({_bytes(evicted[1])})"),
+        ], bar=used / budget if used is not None and budget else None),
+        _card("Cache", [
+            ("hit ratio", percent(hit_ratio())),
+            ("hits / misses", f"{_count(hits)} / {_count(misses)}"),
+            ("joined a running fetch", _count(metrics.COALESCED.total())),
+            ("bytes saved (served from cache)", _bytes(served)),
+            ("fetched upstream", _bytes(fetched)),
+        ], bar=hit_ratio()),
+        _card("Requests", [(route, _count(n)) for route, n in _by_route()] or
+              [("none yet", "")]),
+    ]
+    return PAGE.format(
+        title=escape(f"mirror · {host}"),
+        uptime=escape(_duration(time.time() - metrics.STARTED)),
+        cards="\n".join(cards),
+        upstreams=_upstreams(proxy),
+        fills=_fills(proxy),
+        repositories=_repositories(),
+        generated=escape(time.strftime("%Y-%m-%d %H:%M:%S %Z")),
+    )
+
+
+def _by_route() -> list[tuple[str, float]]:
+    totals: dict[str, float] = {}
+    for (route, _status), n in metrics.REQUESTS.values.items():
+        totals[route] = totals.get(route, 0) + n
+    return sorted(totals.items(), key=lambda item: -item[1])
+
+
+def _card(title: str, rows: list[tuple[str, str]], bar: float | None = None) -> str:
+    items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows)
+    meter = "" if bar is None else \
+        f'<div class="bar"><span style="width:{min(max(bar, 0), 1) * 100:.1f}%"></span></div>'
+    return f'<section class="card"><h2>{escape(title)}</h2>{meter}<dl>{items}</dl></section>'
+
+
+def _upstreams(proxy) -> str:
+    now_monotonic, now = time.monotonic(), time.time()
+    rows = []
+    for upstream in proxy.upstreams.values():
+        name = upstream.name
+        if upstream.paused_until > now_monotonic:
+            health, css = f"rate limited, waiting {upstream.paused_until - now_monotonic:.0f}s", "warn"
+        elif upstream.last_error is not None:
+            health, css = "failing", "bad"
+        elif upstream.last_ok is not None:
+            health, css = "ok", "good"
+        else:
+            health, css = "not asked yet", "idle"
+        last_ok = "never" if upstream.last_ok is None else _duration(now - upstream.last_ok) + " ago"
+        rows.append(
+            f'<tr><td><b>{escape(name)}</b><br><small>{escape(str(upstream.base))}</small></td>'
+            f'<td><span class="pill {css}">{escape(health)}</span></td>'
+            f"<td>{escape(last_ok)}</td>"
+            f"<td>{escape(upstream.last_error or '—')}</td>"
+            f'<td class="n">{_count(metrics.UPSTREAM_REQUESTS.value(name))}</td>'
+            f'<td class="n">{_count(metrics.UPSTREAM_ERRORS.value(name))}</td>'
+            f'<td class="n">{_count(metrics.UPSTREAM_RATE_LIMITED.value(name))}</td>'
+            f'<td class="n">{escape(_bytes(metrics.UPSTREAM_BYTES.value(name)))}</td></tr>')
+    return _table(("upstream", "health", "last success", "last error", "requests", "errors",
+                   "429s", "fetched"), rows, "No upstreams are configured.")
+
+
+def _fills(proxy) -> str:
+    rows = []
+    for fill in list(proxy.fills.active.values()):
+        size = fill.size
+        done = fill.written / size if size else None
+        progress = f"{_bytes(fill.written)} / {_bytes(size) if size is not None else '?'}"
+        bar = "" if done is None else \
+            f'<div class="bar"><span style="width:{min(done, 1) * 100:.1f}%"></span></div>'
+        rows.append(
+            f'<tr><td><code title="{escape(fill.digest)}">{escape(_short(fill.digest))}</code></td>'
+            f'<td><span class="nowrap">{escape(progress)}</span>{bar}</td>'
+            f'<td class="n">{getattr(fill, "readers", 0)}</td></tr>')
+    return _table(("digest", "written / size", "readers"), rows, "No blob is being fetched.")
+
+
+def _repositories() -> str:
+    rows = [f'<tr><td>{escape(name)}</td><td class="n">{_count(n)}</td></tr>'
+            for name, n in metrics.REPOSITORIES.top(10)]
+    return _table(("repository", "requests"), rows, "No pulls yet.")
+
+
+def _table(headings: tuple[str, ...], rows: list[str], empty: str) -> str:
+    if not rows:
+        return f'<p class="empty">{escape(empty)}</p>'
+    head = "".join(f"<th>{escape(h)}</th>" for h in headings)
+    return f'<div class="scroll"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
+
+
+def _short(digest: str) -> str:
+    algorithm, _, encoded = digest.partition(":")
+    return f"{algorithm}:{encoded[:12]}…"
+
+
+def _count(n: float) -> str:
+    return f"{int(n):,}"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="refresh" content="10">
+<title>{title}</title>
+<style>
+:root {{ --ink:#1d2733; --muted:#5b6b7c; --line:#d9e1ea; --bg:#f3f6f9; --card:#fff;
+        --accent:#2f6fde; --good:#1f8a4c; --warn:#b86e00; --bad:#c4302b; }}
+* {{ box-sizing:border-box; }}
+body {{ margin:0; font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+       color:var(--ink); background:var(--bg); }}
+header {{ background:#17324d; color:#fff; padding:14px 20px; }}
+header h1 {{ margin:0; font-size:20px; }}
+header p {{ margin:2px 0 0; color:#b9cbe0; font-size:13px; }}
+main {{ padding:16px; max-width:1200px; margin:0 auto; }}
+.grid {{ display:grid; gap:14px; grid-template-columns:repeat(auto-fit,minmax(260px,1fr));
+         margin-bottom:14px; }}
+.card {{ background:var(--card); border:1px solid var(--line); border-radius:8px;
+        padding:12px 14px; margin-bottom:14px; }}
+.grid .card {{ margin-bottom:0; }}
+h2 {{ font-size:15px; margin:0 0 8px; color:var(--accent); text-transform:uppercase;
+     letter-spacing:.04em; }}
+dl {{ display:grid; grid-template-columns:1fr auto; gap:4px 12px; margin:0; }}
+dt {{ color:var(--muted); }} dd {{ margin:0; font-weight:600; text-align:right; }}
+.bar {{ height:8px; background:#e3e9f0; border-radius:4px; overflow:hidden; margin:4px 0 10px; }}
+.bar span {{ display:block; height:100%; background:var(--accent); }}
+.scroll {{ overflow-x:auto; }}
+table {{ border-collapse:collapse; width:100%; font-size:14px; }}
+th, td {{ text-align:left; padding:6px 8px; border-bottom:1px solid var(--line);
+         vertical-align:top; }}
+th {{ color:var(--muted); font-weight:600; white-space:nowrap; }}
+td.n {{ text-align:right; font-variant-numeric:tabular-nums; }}
+td small {{ color:var(--muted); }}
+code {{ font-size:13px; }}
+.pill {{ display:inline-block; padding:1px 8px; border-radius:10px; color:#fff;
+        font-size:13px; white-space:nowrap; }}
+.good {{ background:var(--good); }} .warn {{ background:var(--warn); }}
+.bad {{ background:var(--bad); }} .idle {{ background:#8a97a6; }}
+.empty {{ color:var(--muted); margin:0; }} .nowrap {{ white-space:nowrap; }}
+footer {{ color:var(--muted); font-size:12px; text-align:center; padding:8px 0 20px; }}
+</style></head>
+<body>
+<header><h1>{title}</h1><p>pull-through registry mirror · up {uptime}</p></header>
+<main>
+<div class="grid">
+{cards}
+</div>
+<section class="card"><h2>Upstreams</h2>{upstreams}</section>
+<section class="card"><h2>Fills in progress</h2>{fills}</section>
+<section class="card"><h2>Busiest repositories</h2>{repositories}
+<p class="empty"><small>by manifest requests since the start</small></p></section>
+</main>
+<footer>generated {generated} · refreshes every 10 s ·
+<a href="/metrics">metrics</a> · <a href="/readyz">readyz</a></footer>
+</body></html>
+"""
