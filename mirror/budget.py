@@ -23,6 +23,7 @@ import logging
 import time
 
 from . import config as cfg
+from . import metrics
 from .blobs import BlobStore
 from .hosted import Hosted
 from .index import Index
@@ -46,6 +47,7 @@ class Budget:
         self.hosted = hosted
         self.evicted_items = 0
         self.evicted_bytes = 0
+        metrics.set_disk(lambda: self.used, lambda: self.max_size)
 
     @property
     def used(self) -> int:
@@ -83,6 +85,8 @@ class Budget:
             await asyncio.sleep(0)
         self.evicted_items += items
         self.evicted_bytes += freed
+        metrics.EVICTIONS.inc(items)
+        metrics.EVICTED_BYTES.inc(freed)
         if items:
             log.info("evicted %d items, %d bytes in %.2fs: %d -> %d bytes (budget %d)", items,
                      freed, time.monotonic() - started, before, self.used, self.max_size or 0)

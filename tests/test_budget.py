@@ -137,3 +137,25 @@ def test_an_eviction_pass_reads_only_what_it_evicts(tmp_path):
     assert evicted == [f"sha256:{i:064x}" for i in range(10)]
     assert len(rows) < 100  # a page of the index and the deletes, not a scan of 200k rows
     assert usage.total() == 199_990 * 1000
+
+
+async def test_disk_use_budget_and_evictions_show_in_metrics(start_mirror, http, upstream,
+                                                              tmp_path):
+    mirror = await start_mirror(root=tmp_path / "metrics", storage=budget(10 * MiB))
+    await pull(http, mirror, "team/app", "2.0")
+    await settle(mirror)
+    evictor = mirror.server.app[BUDGET]
+
+    async def scrape():
+        async with http.get(f"{mirror.url}/metrics") as resp:
+            text = await resp.text()
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+    before = await scrape()
+    assert before["mirror_disk_used_bytes"] == evictor.used > 0
+    assert before["mirror_disk_budget_bytes"] == 10 * MiB
+    await evictor.evict(0)
+    after = await scrape()
+    assert after["mirror_disk_used_bytes"] == 0
+    assert after["mirror_evicted_bytes_total"] - before.get("mirror_evicted_bytes_total", 0) \
+        == before["mirror_disk_used_bytes"]
