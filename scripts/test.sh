@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the tests need on a fresh Debian/Ubuntu machine, then run them.
 #   - Debian packages: docker-registry (the real upstream), skopeo and containerd (real
-#     clients), python3-venv; installed only when missing, with sudo when not root.
+#     clients), chromium (renders the status page), python3-venv; installed only when
+#     missing, with sudo when not root.
 #   - Python packages: into .venv (created if missing), the project with its test extras.
 # Extra arguments go to pytest: scripts/test.sh -k blobs -x
 set -euo pipefail
