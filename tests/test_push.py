@@ -353,3 +353,15 @@ async def test_abandoned_upload_is_removed_after_its_ttl(start_mirror, http, tmp
     async with http.get(location) as resp:
         assert resp.status == 404 and await error_code(resp) == "BLOB_UPLOAD_UNKNOWN"
     assert list((mirror.root / "uploads").iterdir()) == []
+
+
+async def test_a_name_may_contain_manifests_and_blobs_segments(mirror, http):
+    """/v2/a/manifests/b/manifests/latest is the name a/manifests/b (distribution-spec)."""
+    digest, manifest = await push_image(http, mirror, "a/manifests/b", "latest", b"segments")
+    async with http.get(f"{mirror.url}/v2/a/manifests/b/manifests/latest") as resp:
+        assert await resp.read() == manifest
+    async with http.get(f"{mirror.url}/v2/a/manifests/b/tags/list") as resp:
+        assert await resp.json() == {"name": "a/manifests/b", "tags": ["latest"]}
+    layer = json.loads(manifest)["layers"][0]["digest"]
+    async with http.head(f"{mirror.url}/v2/a/manifests/b/blobs/{layer}") as resp:
+        assert resp.status == 200
