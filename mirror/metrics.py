@@ -194,7 +194,7 @@ EVICTED_BYTES = Counter("mirror_evicted_bytes_total", "Bytes evicted by the disk
 def set_disk(used: Callable[[], float | None], budget: Callable[[], float | None]) -> None:
     """Register the callbacks the disk gauges read at each scrape (cheap: no tree walks)."""
     DISK_USED.function = used
-    DISK_BUDGET.function = budget
+    DISK_BUDGET.function = lambda: budget() or 0  # no budget: 0, as documented above
 
 
 def disk() -> tuple[float | None, float | None]:
