@@ -29,6 +29,8 @@ from .errors import Denied, Unauthorized, Unsupported
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="mirror"'}
 REMEMBER_SECONDS = 300.0
 PULL_METHODS = ("GET", "HEAD")
+# Liveness and readiness probes (Kubernetes) carry no credentials and reveal nothing.
+OPEN_PATHS = ("/healthz", "/readyz")
 
 
 def read_htpasswd(path: str | Path) -> dict[str, bytes]:
@@ -90,6 +92,8 @@ class Access:
 
     async def authorize(self, request: web.Request) -> None:
         """Raise unless this request is allowed, by its method and the policy."""
+        if request.path in OPEN_PATHS:
+            return
         user = await self.user(request)
         if request.method in PULL_METHODS:
             ping = request.path.endswith("/v2/")

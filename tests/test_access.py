@@ -69,6 +69,9 @@ async def test_anonymous_pull_off_needs_a_login(start_mirror, http, upstream, ht
     assert upstream.proxy.requests == []
     status, _, body = await request(http, "GET", url, BOB)
     assert (status, body) == (200, upstream.images["team/app"].manifest)
+    for probe in ("/healthz", "/readyz"):  # Kubernetes probes carry no credentials
+        assert (await request(http, "GET", mirror.url + probe))[0] == 200
+    assert (await request(http, "GET", f"{mirror.url}/metrics"))[0] == 401
 
 
 async def test_read_only_refuses_pushes_and_deletes_but_pulls_through(start_mirror, http,
