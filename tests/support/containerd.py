@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import signal
 import ssl
 import subprocess
 import tempfile
@@ -31,6 +30,8 @@ from aiohttp.test_utils import TestServer
 
 from mirror import config as cfg
 from mirror.app import make_app
+
+from . import stop_process
 
 CONFIG = """\
 version = 2
@@ -119,14 +120,7 @@ class Containerd:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # to this PID only
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, grace=10)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -10,7 +10,6 @@ as Docker Hub does (401 + `WWW-Authenticate: Bearer realm=...,service=...,scope=
 from __future__ import annotations
 
 import atexit
-import signal
 import socket
 import subprocess
 import time
@@ -18,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from . import stop_process
 from .tokens import TokenServer
 
 CONFIG = """\
@@ -111,14 +111,7 @@ class Registry:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # to this PID only
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, grace=5)
 
     def log(self) -> str:
         """The registry's log so far, for failure messages."""
