@@ -14,22 +14,23 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import errors, logs, metrics, routes
-from .blobs import BlobStore
+from . import errors, logs, metrics
+from .api import routes
+from .api.access import Access
+from .cache.budget import Budget
+from .cache.fill import Fills
+from .cache.hosted import Hosted
+from .cache.proxy import Proxy
 from .config import Config
-from .fill import Fills
-from .index import Index
-from .access import Access
-from .hosted import Hosted
-from .housekeeping import adopt
-from .budget import Budget
 from .keys import BUDGET, CONFIG, HOSTED, PROXY, ROUTER, UPLOADS
-from .memory import Memory
-from .proxy import Proxy
+from .ops.housekeeping import adopt
 from .reference import Router
-from .upstream import Upstream
-from .uploads import Uploads
-from .usage import Usage
+from .storage.blobs import BlobStore
+from .storage.index import Index
+from .storage.memory import Memory
+from .storage.uploads import Uploads
+from .storage.usage import Usage
+from .upstream.client import Upstream
 
 log = logging.getLogger("mirror")
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _user_add(config: cfg.Config, args: argparse.Namespace) -> None:
-    from .access import add_user
+    from .api.access import add_user
 
     path = args.htpasswd or config.access.htpasswd
     if not path:
@@ -89,7 +89,7 @@ def _user_add(config: cfg.Config, args: argparse.Namespace) -> None:
 def _tls_init(config: cfg.Config, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .certs import client_instructions, make_ca_and_server_cert
+    from .ops.certs import client_instructions, make_ca_and_server_cert
 
     directory = Path(args.dir or os.path.join(config.storage.root, "tls"))
     if (directory / "ca.key").exists():
@@ -101,8 +101,8 @@ def _tls_init(config: cfg.Config, args: argparse.Namespace) -> None:
 def _housekeeping(config: cfg.Config, args: argparse.Namespace) -> int:
     import asyncio
 
-    from . import housekeeping
-    from .local import CommandError, human_size
+    from .ops import housekeeping
+    from .ops.local import CommandError, human_size
 
     try:
         if args.command == "gc":
@@ -160,23 +160,23 @@ def _add_cache_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _cache_command(config: cfg.Config, args: argparse.Namespace) -> int:
-    from .local import CommandError
+    from .ops.local import CommandError
 
     try:
         if args.command == "prefetch":
-            from . import prefetch
+            from .ops import prefetch
 
             images = args.images + (prefetch.read_list(args.file) if args.file else [])
             return prefetch.run(config, images, args.platform, args.pin, args.mirror, args.jobs)
         if args.command == "export":
-            from .bundle import export
+            from .ops.bundle import export
 
             return export(config, args.images, args.output)
         if args.command == "import":
-            from .unbundle import import_bundle
+            from .ops.unbundle import import_bundle
 
             return import_bundle(config, args.bundle)
-        from . import inventory
+        from .ops import inventory
 
         return (inventory.ls if args.command == "ls" else inventory.du)(config, args.json)
     except CommandError as e:

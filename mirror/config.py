@@ -68,6 +68,11 @@ class Hosted:
     delete: bool = True
     # Unfinished uploads older than this are removed.
     upload_ttl: float = 86400.0
+    # One upload may hold at most this many bytes (413 past it); uploads in progress count
+    # towards storage.max_size like everything else on the disk.
+    max_upload_size: int | None = 10 << 30
+    # Uploads in progress at once per client address (429 past it).
+    max_uploads_per_client: int = 32
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,12 @@ class Access:
     push_users: tuple[str, ...] = ()
     # Refuse every push and delete (pull-through caching goes on).
     read_only: bool = False
+    # Without an htpasswd file: whether clients on other hosts may push and delete without a
+    # login. Off by default, so a mirror listening on 0.0.0.0 takes pushes from loopback
+    # only until logins are configured (or this is set, which logs a warning at start).
+    anonymous_push: bool = False
+    # Failed logins per client address per minute before the next ones get 429.
+    login_failures_per_minute: int = 10
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,20 @@ class Limits:
     connect_timeout: float = 10.0
     # Manifests, tag checks and token requests are small: they get a whole-request limit.
     request_timeout: float = 30.0
+    # A request waiting longer than this for an upstream slot is answered 503 with
+    # Retry-After instead of hanging (a hanging mirror is the harmful kind).
+    slot_timeout: float = 10.0
+    # Blob bodies streaming from upstreams at once, over all upstreams; a slot covers only
+    # connecting and the response headers, so manifests never wait behind layers.
+    upstream_bodies: int = 64
+    # Ranges in one multi-range request (more are refused with 416); overlapping ones merge.
+    max_ranges: int = 16
+    # Client connections: the longest request line and header field, and how long a client
+    # may take to send its headers or keep an idle connection open.
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    header_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
 
 
 @dataclass(frozen=True)

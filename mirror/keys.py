@@ -2,12 +2,12 @@
 
 from aiohttp import web
 
-from .budget import Budget
+from .cache.budget import Budget
+from .cache.hosted import Hosted
+from .cache.proxy import Proxy
 from .config import Config
-from .hosted import Hosted
-from .proxy import Proxy
 from .reference import Router
-from .uploads import Uploads
+from .storage.uploads import Uploads
 
 CONFIG = web.AppKey("config", Config)
 ROUTER = web.AppKey("router", Router)

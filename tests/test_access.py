@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 
 from mirror import config as cfg
-from mirror.access import add_user
-from mirror.certs import make_ca_and_server_cert
+from mirror.api.access import add_user
+from mirror.ops.certs import make_ca_and_server_cert
 
 ALICE = "Basic " + base64.b64encode(b"alice:wonder").decode()  # may push
 BOB = "Basic " + base64.b64encode(b"bob:builder").decode()     # may only pull

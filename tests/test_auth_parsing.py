@@ -1,6 +1,6 @@
 """WWW-Authenticate parsing and where upstream credentials may go."""
 
-from mirror.auth import parse_challenges, same_site
+from mirror.upstream.auth import parse_challenges, same_site
 
 
 def test_every_challenge_in_one_header_is_parsed():

@@ -7,7 +7,7 @@ import hashlib
 import json
 
 from mirror.keys import BUDGET
-from mirror.usage import Usage
+from mirror.storage.usage import Usage
 from tests.conftest import fetched
 from tests.support import images
 

@@ -7,7 +7,7 @@ import tarfile
 
 from mirror import config as cfg
 from mirror.media import DOCKER_MANIFEST
-from mirror.usage import Usage
+from mirror.storage.usage import Usage
 from tests.commands import run, write_config
 from tests.conftest import sha256, skopeo_copy
 

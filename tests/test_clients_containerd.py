@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from mirror import config as cfg
-from mirror.certs import make_ca_and_server_cert
+from mirror.ops.certs import make_ca_and_server_cert
 from tests.conftest import fetched, mirror_config
 from tests.support.containerd import Containerd, start_logged_mirror, write_hosts
 from tests.support.registry import free_port

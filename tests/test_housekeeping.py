@@ -5,7 +5,7 @@ adopted into the ledger."""
 import os
 import time
 
-from mirror import housekeeping
+from mirror.ops import housekeeping
 from tests.conftest import fetched
 from tests.test_budget import pull, settle, sha256
 

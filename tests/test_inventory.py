@@ -4,7 +4,7 @@ import asyncio
 import json
 import time
 
-from mirror.local import human_size
+from mirror.ops.local import human_size
 from tests.commands import run, write_config
 from tests.conftest import skopeo_copy
 

@@ -1,7 +1,7 @@
 """`mirror prefetch` warms the cache through the mirror, so pulls work with the upstream gone."""
 
 from mirror import config as cfg
-from mirror.usage import Usage
+from mirror.storage.usage import Usage
 from tests.commands import run, write_config
 from tests.conftest import fetched, skopeo_copy
 

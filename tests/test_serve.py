@@ -87,7 +87,7 @@ def test_serve_runs_on_embedded_defaults_in_the_current_folder(tmp_path):
 def test_serve_over_https_with_the_configured_certificate(serve, tmp_path):
     import ssl
 
-    from mirror.certs import make_ca_and_server_cert
+    from mirror.ops.certs import make_ca_and_server_cert
     ca, cert, key = make_ca_and_server_cert(tmp_path, hosts=["127.0.0.1", "localhost"])
     port = free_port()
     proc = serve(f'[server]\nlisten = "127.0.0.1:{port}"\ntls_certificate = "{cert}"\n'

@@ -7,7 +7,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from mirror import status
+from mirror.api import status
 
 WIDTH, HEIGHT = 1200, 900
 

@@ -25,11 +25,11 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import config as cfg
-from . import metrics
+from .. import config as cfg
+from .. import metrics
+from ..errors import BlobUnknown, BodyBroken, Denied, RegistryError, TooManyRequests, Unavailable
+from ..storage.memory import Memory
 from .auth import Authenticator, parse_challenges
-from .errors import BlobUnknown, BodyBroken, Denied, RegistryError, TooManyRequests, Unavailable
-from .memory import Memory
 
 log = logging.getLogger("mirror")
 

@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config as cfg
-from .blobs import BlobStore
-from .hosted import Hosted
-from .index import Index
-from .media import references
+from .. import config as cfg
+from ..cache.hosted import Hosted
+from ..media import references
+from ..reference import Router
+from ..storage.blobs import BlobStore
+from ..storage.index import Index
+from ..storage.uploads import Uploads
+from ..storage.usage import Usage
 from .local import Storage
-from .reference import Router
-from .uploads import Uploads
-from .usage import Usage
 
 SPOOL_GRACE = 3600.0
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from aiohttp import StreamReader
 
+from ..errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadOutOfOrder
 from .blobs import BlobStore, write_all
-from .errors import BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, UploadOutOfOrder
 
 log = logging.getLogger("mirror")
 

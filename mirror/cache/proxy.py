@@ -22,15 +22,21 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from .blobs import BlobStore
-from .errors import (BlobUnknown, ManifestUnknown, NameUnknown, TooManyRequests, Unavailable)
+from ..errors import BlobUnknown, ManifestUnknown, NameUnknown, TooManyRequests, Unavailable
+from ..media import (
+    ALL_TYPES,
+    DOCKER_SCHEMA1,
+    DOCKER_SCHEMA1_SIGNED,
+    LIST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
+from ..reference import Route, is_digest, parse_digest
+from ..storage.blobs import BlobStore
+from ..storage.index import Index, TagRecord
+from ..upstream.client import Answer, Upstream
 from .fill import Fill, Fills
 from .flights import Flights
-from .index import Index, TagRecord
-from .media import (ALL_TYPES, DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, LIST_TYPES, OCI_INDEX,
-                    OCI_MANIFEST)
-from .reference import Route, is_digest, parse_digest
-from .upstream import Answer, Upstream
 
 log = logging.getLogger("mirror")
 

@@ -20,14 +20,22 @@ from pathlib import Path
 
 import diskcache
 
-from . import config as cfg
-from .blobs import BlobStore
-from .errors import (BlobUnknown, Denied, DigestInvalid, ManifestBlobUnknown, ManifestInvalid,
-                     ManifestUnknown, NameUnknown, Unsupported)
-from .index import Index
-from .media import LIST_TYPES, OCI_MANIFEST
+from .. import config as cfg
+from ..errors import (
+    BlobUnknown,
+    Denied,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    Unsupported,
+)
+from ..media import LIST_TYPES, OCI_MANIFEST
+from ..reference import Router, is_digest
+from ..storage.blobs import BlobStore
+from ..storage.index import Index
 from .proxy import Manifest
-from .reference import Router, is_digest
 
 EMPTY = {"tags": {}, "manifests": {}, "blobs": {}}
 

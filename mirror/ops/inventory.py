@@ -18,12 +18,12 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from .config import Config
-from .errors import RegistryError
-from .hosted import Hosted
+from ..cache.hosted import Hosted
+from ..config import Config
+from ..errors import RegistryError
+from ..media import references
+from ..reference import Router
 from .local import Storage, human_size
-from .media import references
-from .reference import Router
 
 TOP = 10
 

@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-
 VALID_DAYS = 825  # the longest server-certificate lifetime Apple's clients accept
 
 

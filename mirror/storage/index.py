@@ -22,7 +22,7 @@ from pathlib import Path
 
 import diskcache
 
-from .media import references
+from ..media import references
 from .memory import Memory
 from .usage import Usage
 

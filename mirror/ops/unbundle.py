@@ -23,16 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .blobs import write_all
+from ..config import Config
+from ..errors import RegistryError
+from ..media import LIST_TYPES, OCI_MANIFEST
+from ..reference import Route, Router, parse_digest
+from ..storage.blobs import write_all
+from ..storage.index import TagRecord
 from .bundle import REF_NAME
-from .config import Config
-from .errors import RegistryError
-from .index import TagRecord
-from .local import (CommandError, Storage, catalog_name, human_size, image_blobs,
-                    parse_image, route_image)
-from .media import LIST_TYPES, OCI_MANIFEST
+from .local import (
+    CommandError,
+    Storage,
+    catalog_name,
+    human_size,
+    image_blobs,
+    parse_image,
+    route_image,
+)
 from .progress import Progress, bar
-from .reference import Route, Router, parse_digest
 
 READ_CHUNK = 1 << 20
 # Manifests are read whole (they are small; registries refuse ones past 4 MiB).

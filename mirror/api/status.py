@@ -19,8 +19,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import metrics
-from .keys import CONFIG, PROXY
+from .. import metrics
+from ..keys import CONFIG, PROXY
 
 READY_TIMEOUT = 2.0  # a hung disk makes /readyz fail, never hang
 

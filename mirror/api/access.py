@@ -23,8 +23,8 @@ from pathlib import Path
 import bcrypt
 from aiohttp import web
 
-from . import config as cfg
-from .errors import Denied, Unauthorized, Unsupported
+from .. import config as cfg
+from ..errors import Denied, Unauthorized, Unsupported
 
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="mirror"'}
 REMEMBER_SECONDS = 300.0

@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .blobs import BlobStore
-from .config import Config
-from .errors import RegistryError
-from .index import Index
-from .memory import Memory
-from .reference import Route, Router, is_digest, parse_digest, parse_name, parse_tag
-from .usage import Usage
+from ..config import Config
+from ..errors import RegistryError
+from ..reference import Route, Router, is_digest, parse_digest, parse_name, parse_tag
+from ..storage.blobs import BlobStore
+from ..storage.index import Index
+from ..storage.memory import Memory
+from ..storage.usage import Usage
 
 
 class CommandError(Exception):

@@ -19,8 +19,8 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from .errors import RangeInvalid
-from .fill import Fill, FillFailed
+from ..cache.fill import Fill, FillFailed
+from ..errors import RangeInvalid
 
 log = logging.getLogger("mirror")
 

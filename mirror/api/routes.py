@@ -17,11 +17,12 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from . import metrics, push, status
-from .errors import ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
-from .keys import HOSTED, PROXY, ROUTER
-from .media import OCI_INDEX
-from .reference import TAG, Route, is_digest, parse_digest, parse_name
+from .. import metrics
+from ..errors import ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
+from ..keys import HOSTED, PROXY, ROUTER
+from ..media import OCI_INDEX
+from ..reference import TAG, Route, is_digest, parse_digest, parse_name
+from . import push, status
 from .responses import file_response, fill_response
 
 

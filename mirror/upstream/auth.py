@@ -23,10 +23,10 @@ from datetime import datetime
 import aiohttp
 from yarl import URL
 
-from . import config as cfg
-from .errors import Denied, Unavailable
-from .flights import Flights
-from .memory import Memory
+from .. import config as cfg
+from ..cache.flights import Flights
+from ..errors import Denied, Unavailable
+from ..storage.memory import Memory
 
 # auth-param = token "=" ( token / quoted-string ), RFC 7235 section 2.1
 PARAM = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')

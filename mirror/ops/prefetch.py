@@ -21,12 +21,12 @@ from pathlib import Path
 
 import aiohttp
 
-from . import media
-from .blobs import BlobStore
-from .config import Config
+from .. import media
+from ..config import Config
+from ..storage.blobs import BlobStore
+from ..storage.usage import Usage
 from .local import CommandError, Image, human_size, image_blobs, parse_image
 from .progress import Progress, bar
-from .usage import Usage
 
 ACCEPT = ", ".join(media.ALL_TYPES)
 READ_CHUNK = 1 << 20

@@ -27,12 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .config import Config
-from .local import (CommandError, Storage, full_reference, human_size, image_blobs,
-                    parse_image, route_image)
-from .media import DOCKER_SCHEMA1_SIGNED, OCI_INDEX
+from ..config import Config
+from ..media import DOCKER_SCHEMA1_SIGNED, OCI_INDEX
+from ..reference import Router
+from .local import (
+    CommandError,
+    Storage,
+    full_reference,
+    human_size,
+    image_blobs,
+    parse_image,
+    route_image,
+)
 from .progress import Progress, bar
-from .reference import Router
 
 LAYOUT = b'{"imageLayoutVersion": "1.0.0"}'
 REF_NAME = "org.opencontainers.image.ref.name"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .errors import DigestInvalid, ManifestTooLarge, SizeInvalid, Unsupported
-from .keys import HOSTED, UPLOADS
-from .reference import parse_digest, parse_name, parse_reference, parse_tag
+from ..errors import DigestInvalid, ManifestTooLarge, SizeInvalid, Unsupported
+from ..keys import HOSTED, UPLOADS
+from ..reference import parse_digest, parse_name, parse_reference, parse_tag
 
 MAX_MANIFEST = 4 << 20  # as Distribution: larger manifests are refused with 413
 

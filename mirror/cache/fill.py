@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol
 
-from . import metrics
-from .blobs import BlobStore, pwrite_all
-from .errors import BodyBroken, RegistryError, Unavailable
+from .. import metrics
+from ..errors import BodyBroken, RegistryError, Unavailable
+from ..storage.blobs import BlobStore, pwrite_all
 
 log = logging.getLogger("mirror")
 

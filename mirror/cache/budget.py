@@ -22,12 +22,12 @@ import asyncio
 import logging
 import time
 
-from . import config as cfg
-from . import metrics
-from .blobs import BlobStore
+from .. import config as cfg
+from .. import metrics
+from ..storage.blobs import BlobStore
+from ..storage.index import Index
+from ..storage.usage import Usage
 from .hosted import Hosted
-from .index import Index
-from .usage import Usage
 
 log = logging.getLogger("mirror")
 
