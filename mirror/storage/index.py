@@ -137,5 +137,9 @@ class Index:
             except (OSError, sqlite3.Error) as e:
                 log.error("cannot add %s to the catalog: %s", name, e)
 
+    async def has_repository(self, name: str) -> bool:
+        """Whether the cache holds content of `name` (as a client pulls it back)."""
+        return name in self.repositories
+
     def repository_names(self) -> list[str]:
         return sorted(self.repositories.iterkeys())
