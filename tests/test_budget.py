@@ -6,8 +6,8 @@ import asyncio
 import hashlib
 import json
 
-from mirror.keys import BUDGET
-from mirror.storage.usage import Usage
+from mirror.keys import BUDGET, UPLOADS
+from mirror.storage.sqlite import SqliteMetadata
 from tests.conftest import fetched
 from tests.support import images
 
@@ -45,15 +45,16 @@ async def settle(mirror):
             await asyncio.sleep(0.01)
 
 
-def consistent(mirror):
+async def consistent(mirror):
     """No tag record points to a missing manifest; no manifest to a missing blob."""
-    usage, index, store = mirror.proxy.usage, mirror.proxy.index, mirror.proxy.store
-    for key, digest in usage.db.execute("SELECT key, digest FROM tags"):
-        assert index.manifest(digest) is not None, key
-        assert index.db.get(key) is not None, key
-    for (parent,) in usage.db.execute("SELECT digest FROM items WHERE kind = 'manifest'"):
-        for child in usage.children(parent):
-            assert store.size(child) is not None or index.manifest(child) is not None
+    metadata, store = mirror.proxy.index.metadata, mirror.proxy.store
+    for repository, tag, _, record in await metadata.tag_records():
+        assert await metadata.manifest(record.digest) is not None, (repository, tag)
+    for item in await metadata.items():
+        if item.kind == "manifest":
+            for child in await metadata.children(item.digest):
+                assert store.size(child) is not None or \
+                    await metadata.manifest(child) is not None
 
 
 async def test_tiny_budget_while_clients_pull_keeps_pinned_and_hosted(start_mirror, http,
@@ -68,7 +69,7 @@ async def test_tiny_budget_while_clients_pull_keeps_pinned_and_hosted(start_mirr
         assert resp.status == 201
     alpine, _ = await pull(http, mirror, "library/alpine", "3.19")
     await settle(mirror)
-    assert mirror.proxy.usage.pin(alpine)
+    assert await mirror.proxy.usage.pin(alpine)
 
     # Clients pull other images while eviction passes run in between.
     others = [upstream.push_image(f"test/budget{i}", "latest", seed=f"budget{i}", size=MiB)
@@ -77,7 +78,7 @@ async def test_tiny_budget_while_clients_pull_keeps_pinned_and_hosted(start_mirr
         await asyncio.gather(pull(http, mirror, image.name), pull(http, mirror, image.name))
         await settle(mirror)
         await evictor.check()
-        consistent(mirror)
+        await consistent(mirror)
     assert evictor.used <= 10 * MiB * 0.9
     assert evictor.evicted_items > 0
 
@@ -111,32 +112,39 @@ async def test_a_shared_layer_stays_while_an_image_uses_it(start_mirror, http, u
     used = mirror.server.app[BUDGET].used
     await mirror.server.app[BUDGET].evict(used - 1)
     store = mirror.proxy.store
-    assert store.size(old.layer_digests[1]) is None and mirror.proxy.index.manifest(old.digest) is None
+    assert store.size(old.layer_digests[1]) is None
+    assert await mirror.proxy.index.manifest(old.digest) is None
     assert store.size(shared) is not None  # the new image still uses it
-    consistent(mirror)
+    await consistent(mirror)
     upstream.proxy.reset()
     await pull(http, mirror, new.name)
     assert fetched(upstream) == 0
 
 
-def test_an_eviction_pass_reads_only_what_it_evicts(tmp_path):
-    usage = Usage(tmp_path)
-    with usage.db:
-        usage.db.executemany("INSERT INTO items (digest, kind, size, atime) VALUES (?, ?, ?, ?)",
-                             ((f"sha256:{i:064x}", "blob", 1000, 1000.0 + i)
-                              for i in range(200_000)))
-    usage._total = usage._sum()
-    rows = []
-    usage.db.set_trace_callback(rows.append)
-    evicted = []
-    for item in usage.oldest(before=2e9):
-        if len(evicted) == 10:
-            break
-        evicted.append(item.digest)
-        usage.remove(item.digest)
-    assert evicted == [f"sha256:{i:064x}" for i in range(10)]
-    assert len(rows) < 100  # a page of the index and the deletes, not a scan of 200k rows
-    assert usage.total() == 199_990 * 1000
+async def test_an_eviction_pass_reads_only_what_it_evicts(tmp_path):
+    metadata = SqliteMetadata(tmp_path)
+    try:
+        for i in range(0, 200_000, 20_000):
+            def fill(start=i):
+                with metadata._tx() as db:
+                    db.executemany("INSERT INTO items (digest, kind, size, atime) "
+                                   "VALUES (?, ?, ?, ?)", ((f"sha256:{n:064x}", "blob", 1000,
+                                                            1000.0 + n)
+                                                           for n in range(start, start + 20_000)))
+            await metadata._run(fill)
+        metadata._total = 200_000 * 1000
+        rows = []
+        await metadata._run(metadata._db.set_trace_callback, rows.append)
+        removed = []
+        for item in await metadata.oldest(before=2e9, limit=10):
+            evicted = await metadata.evict(item.digest, 2e9, lambda d: False, removed.append)
+            assert evicted is not None and evicted.item.digest == item.digest
+        await metadata._run(metadata._db.set_trace_callback, None)
+        assert removed == [f"sha256:{i:064x}" for i in range(10)]
+        assert len(rows) < 150  # a page of the index and 10 decisions, not a scan of 200k rows
+        assert metadata.total() == 199_990 * 1000
+    finally:
+        await metadata.close()
 
 
 async def test_disk_use_budget_and_evictions_show_in_metrics(start_mirror, http, upstream,
@@ -159,3 +167,35 @@ async def test_disk_use_budget_and_evictions_show_in_metrics(start_mirror, http,
     assert after["mirror_disk_used_bytes"] == 0
     assert after["mirror_evicted_bytes_total"] - before.get("mirror_evicted_bytes_total", 0) \
         == before["mirror_disk_used_bytes"]
+
+
+async def test_uploads_and_resumable_downloads_count_and_the_downloads_go_first(
+        start_mirror, http, upstream, tmp_path):
+    from tests.test_blobs import authorized, blob_url, read_short
+    mirror = await start_mirror(root=tmp_path / "extra", storage=budget(3 * MiB))
+    evictor = mirror.server.app[BUDGET]
+    # An upload in progress: 2 MiB written, not finished.
+    async with http.post(f"{mirror.url}/v2/team/big/blobs/uploads/") as resp:
+        location = resp.headers["Location"]
+    async with http.patch(f"{mirror.url}{location}", data=b"u" * (2 * MiB),
+                          headers={"Content-Range": f"0-{2 * MiB - 1}"}) as resp:
+        assert resp.status == 202
+    await evictor.check()
+    assert evictor.used >= 2 * MiB  # the ledger holds nothing yet; the upload counts
+    # A download broken off and kept for resuming, pushing the total over the mark.
+    alpine = upstream.images["library/alpine"]
+    digest = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
+    async with http.get(f"{mirror.url}/v2/library/alpine/manifests/3.19") as resp:
+        assert resp.status == 200
+    await authorized(mirror, http, digest)
+    upstream.proxy.reset()
+    upstream.proxy.throttle(4 * MiB, match=digest, method="GET", times=1)
+    upstream.proxy.cut(at=MiB + MiB // 2, match=digest, method="GET", times=1)
+    received, promised = await read_short(http, blob_url(mirror, digest))
+    assert received < promised
+    spools = list((mirror.root / "tmp").iterdir())
+    assert len(spools) == 1 and spools[0].stat().st_size > 0
+    await evictor.check()
+    # Over budget: the resumable spool goes first; the upload (a client's work) stays.
+    assert not spools[0].exists()
+    assert mirror.server.app[UPLOADS].total_bytes() == 2 * MiB

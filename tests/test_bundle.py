@@ -7,7 +7,7 @@ import tarfile
 
 from mirror import config as cfg
 from mirror.media import DOCKER_MANIFEST
-from mirror.storage.usage import Usage
+from mirror.storage.sqlite import SqliteMetadata
 from tests.commands import run, write_config
 from tests.conftest import sha256, skopeo_copy
 
@@ -118,16 +118,19 @@ async def test_imported_images_pull_from_a_mirror_without_upstream(
         assert set(json.loads(await response.read())["repositories"]) >= {
             "library/alpine", "library/multiarch", "quay.io/team/app"}
 
-    usage = Usage(edge.root)
+    usage = SqliteMetadata(edge.root)
     try:
-        assert usage.item(alpine.digest).kind == "manifest"
-        assert set(usage.children(alpine.digest)) == set(alpine.blobs)
-        assert set(usage.tags_of(alpine.digest)) == {
-            "t:docker.io/library/alpine:3.19:index", "t:docker.io/library/alpine:3.19:manifest"}
-        assert usage.tags_of(index.digest) == ["t:docker.io/library/multiarch:latest:index"]
-        assert all(usage.item(d).size == len(data) for d, data in blobs.items())
+        assert (await usage.item(alpine.digest)).kind == "manifest"
+        assert set(await usage.children(alpine.digest)) == set(alpine.blobs)
+        assert set(await usage.tags_of(alpine.digest)) == {
+            ("docker.io/library/alpine", "3.19", "index"),
+            ("docker.io/library/alpine", "3.19", "manifest")}
+        assert await usage.tags_of(index.digest) == [
+            ("docker.io/library/multiarch", "latest", "index")]
+        for digest, data in blobs.items():
+            assert (await usage.item(digest)).size == len(data)
     finally:
-        usage.close()
+        await usage.close()
 
 
 async def test_a_corrupt_bundle_is_refused_and_nothing_is_stored(start_mirror, upstream, tmp_path):
@@ -149,11 +152,11 @@ async def test_a_corrupt_bundle_is_refused_and_nothing_is_stored(start_mirror, u
     assert "nothing was imported" in result.err
     assert edge.blob_files() == []
     assert list((edge.root / "tmp").iterdir()) == []  # the spools went too
-    usage = Usage(edge.root)
+    usage = SqliteMetadata(edge.root)
     try:
-        assert usage.total() == 0 and usage.item(alpine.digest) is None
+        assert usage.total() == 0 and await usage.item(alpine.digest) is None
     finally:
-        usage.close()
+        await usage.close()
     ls = await run(config, "ls", "--json")
     assert json.loads(ls.out) == {"repositories": []}
 

@@ -1,7 +1,7 @@
 """`mirror prefetch` warms the cache through the mirror, so pulls work with the upstream gone."""
 
 from mirror import config as cfg
-from mirror.storage.usage import Usage
+from mirror.storage.sqlite import SqliteMetadata
 from tests.commands import run, write_config
 from tests.conftest import fetched, skopeo_copy
 
@@ -68,15 +68,15 @@ async def test_pin_marks_the_image_in_the_ledger_and_keeps_its_blobs(mirror, ups
     result = await run(config, "prefetch", "alpine:3.19", "--mirror", mirror.url)
     assert result.code == 0, result.err
 
-    usage = Usage(mirror.root)
+    usage = SqliteMetadata(mirror.root)
     try:
-        item = usage.item(app.digest)
+        item = await usage.item(app.digest)
         assert item is not None and item.pinned and item.size == len(app.manifest)
-        assert usage.pinned_closure() == {app.digest, *app.blobs}
-        unpinned = usage.item(alpine.digest)
+        assert await usage.pinned_closure() == {app.digest, *app.blobs}
+        unpinned = await usage.item(alpine.digest)
         assert unpinned is None or not unpinned.pinned
     finally:
-        usage.close()
+        await usage.close()
 
 
 async def test_a_failed_image_is_named_with_the_mirrors_error_and_the_rest_is_cached(

@@ -58,7 +58,7 @@ def test_serve_answers_ping_and_logs_each_request(serve, tmp_path):
     proc.terminate()
     out, _ = proc.communicate(timeout=10)
     assert out.count('"GET /v2/ HTTP/1.1" 200') == 2, out
-    assert (tmp_path / "d" / "blobs").is_dir() and (tmp_path / "d" / "index").is_dir()
+    assert (tmp_path / "d" / "blobs").is_dir() and (tmp_path / "d" / "metadata.sqlite").is_file()
 
 
 def test_serve_refuses_a_bad_config_naming_the_key(serve):

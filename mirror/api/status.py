@@ -33,13 +33,13 @@ async def readyz(request: web.Request) -> web.Response:
     """200 when a file can be created in <root>/tmp and the index answers a read; else 503
     naming what failed. The checks run on a thread: a stuck disk must not stop the loop."""
     proxy = request.app[PROXY]
-    checks = {"storage": lambda: _writable(proxy.store.tmp),
-              "index": lambda: proxy.index.db.get("readyz")}
     loop = asyncio.get_running_loop()
+    checks = {"storage": lambda: loop.run_in_executor(None, _writable, proxy.store.tmp),
+              "index": proxy.index.metadata.check}
     failed = {}
     for name, check in checks.items():
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, check), READY_TIMEOUT)
+            await asyncio.wait_for(check(), READY_TIMEOUT)
         except TimeoutError:
             failed[name] = f"no answer within {READY_TIMEOUT:g}s"
         except Exception as e:  # whatever it is, the mirror cannot serve

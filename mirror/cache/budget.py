@@ -1,19 +1,25 @@
 """Budget: keeps cached content under `storage.max_size`, least recently used first.
 
-Every few seconds the clocks of recent hits are written to the ledger (usage.py) in one
-batch; when the ledger's total is above the high watermark, items are evicted, oldest
-first, until it is below the low watermark. The rules, so that nothing is served broken:
+Every few seconds the clocks of recent hits are written to the ledger in one batch; when
+what the storage root holds (the ledger's total, broken-off downloads kept for resuming,
+uploads in progress) is above the high watermark, items are evicted, oldest first, until
+it is below the low watermark. Broken-off downloads go first: they are only a head start.
 
-- a blob is deleted only when no kept manifest refers to it: a shared base layer goes
-  only when every image using it has gone;
-- a manifest goes with every tag record that points to it, so no tag or manifest ever
-  points to something deleted (its blobs become free to go in their own turn);
-- never evicted: what a hosted repository holds, pinned images and all they refer to,
-  a blob still being filled (it is not in the ledger until committed), and anything used
-  in the last `storage.keep_recent` seconds (a blob a client is about to open).
+Each item is one decision, taken in the metadata store's own transaction at the moment of
+deletion (`Metadata.evict`), not from a snapshot of the pass: an item stays when, *then*,
 
-An eviction pass reads the ledger's oldest rows through an index: its work grows with
-what it evicts, not with the size of the cache.
+- a kept manifest refers to it (a shared base layer goes only when every image using it
+  has gone; a pinned image's content is referred to by the pinned manifest), a hosted
+  repository's manifest is it, it is pinned, or it was linked into a hosted repository
+  (an upload, a mount) less than `hosted.upload_ttl` ago — a push uploads its blobs
+  before the manifest that will refer to them;
+- it was used in the last `storage.keep_recent` seconds, or a response found it stored
+  and is sending it (`hold`), or a fill of it is in flight.
+
+A manifest goes with every tag record that points to it, so no tag ever points to
+something deleted; its blobs become free to go in their own turn. A pass reads the
+ledger's oldest rows a page at a time through an index: its work grows with what it
+evicts, not with the size of the cache.
 """
 
 from __future__ import annotations
@@ -21,13 +27,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
+from typing import Callable
 
 from .. import config as cfg
 from .. import metrics
 from ..storage.blobs import BlobStore
 from ..storage.index import Index
-from ..storage.usage import Usage
-from .hosted import Hosted
 
 log = logging.getLogger("mirror")
 
@@ -35,23 +41,43 @@ CHECK_SECONDS = 5.0
 
 
 class Budget:
-    def __init__(self, config: cfg.Storage, usage: Usage, store: BlobStore, index: Index,
-                 hosted: Hosted):
+    def __init__(self, config: cfg.Storage, index: Index, store: BlobStore,
+                 in_flight: Callable[[str], bool] = lambda digest: False,
+                 extra: Callable[[], int] = lambda: 0,
+                 release: Callable[[int], int] = lambda needed: 0,
+                 link_grace: float = 86400.0):
         self.max_size = config.max_size
         self.high = config.high_watermark
         self.low = config.low_watermark
         self.keep_recent = config.keep_recent
-        self.usage = usage
-        self.store = store
+        self.link_grace = link_grace  # hosted.upload_ttl: a push's blobs wait for its manifest
+        self.metadata = index.metadata
         self.index = index
-        self.hosted = hosted
+        self.store = store
+        self._in_flight = in_flight   # a fill of this digest is running
+        self._extra = extra           # bytes on disk the ledger does not count
+        self._release = release       # free that many bytes of resumable spools
+        self.readers: Counter[str] = Counter()
+        self._extra_bytes = 0  # `extra()` as of the last check: it walks the uploads folder
         self.evicted_items = 0
         self.evicted_bytes = 0
         metrics.set_disk(lambda: self.used, lambda: self.max_size)
 
     @property
     def used(self) -> int:
-        return self.usage.total()
+        """Bytes held: the ledger's running total, and what it does not count (resumable
+        spools, uploads in progress) as of the last check."""
+        return self.metadata.total() + self._extra_bytes
+
+    def hold(self, digest: str) -> "Hold":
+        """Hold `digest` against eviction from now until `release()`: from the moment a
+        request finds the blob stored to the moment its last byte is out."""
+        self.readers[digest] += 1
+        return Hold(self.readers, digest)
+
+    def _in_use(self, digest: str) -> bool:
+        # Called on the metadata thread: reads only, of a dict the loop thread updates.
+        return self.readers.get(digest, 0) > 0 or self._in_flight(digest)
 
     async def run_forever(self) -> None:
         while True:
@@ -63,26 +89,35 @@ class Budget:
 
     async def check(self) -> tuple[int, int]:
         """Write the clocks; evict when above the high watermark. (items, bytes) evicted."""
-        self.usage.flush()
+        await self.metadata.flush()
+        await self.metadata.refresh_total()
+        self._extra_bytes = self._extra()
         if self.max_size is None or self.used <= self.max_size * self.high:
             return 0, 0
         return await self.evict(int(self.max_size * self.low))
 
     async def evict(self, target: int) -> tuple[int, int]:
-        """Evict least recently used items until the ledger holds at most `target` bytes."""
+        """Evict least recently used items until at most `target` bytes are held."""
         before, started = self.used, time.monotonic()
-        protected = self.hosted.held | self.usage.pinned_closure()
+        if self.used > target:
+            freed_spools = self._release(self.used - target)
+            self._extra_bytes = max(self._extra_bytes - freed_spools, 0)
+            if freed_spools:
+                log.info("freed %d bytes of broken-off downloads kept for resuming",
+                         freed_spools)
         cutoff = time.time() - self.keep_recent
         items = freed = 0
-        for item in self.usage.oldest(cutoff):
-            if self.used <= target:
+        position = (0.0, "")
+        while self.used > target:
+            page = await self.metadata.oldest(cutoff, position)
+            if not page:
                 break
-            if item.digest in protected or self.usage.parents(item.digest):
-                continue  # kept, or still referred to by a kept manifest
-            n, size = await self._evict(item.digest, item.kind, protected, cutoff)
-            items, freed = items + n, freed + size
-            # Yield now and then: a long pass must not stall the requests being served.
-            await asyncio.sleep(0)
+            for item in page:
+                position = (item.atime, item.digest)
+                if self.used <= target:
+                    break
+                n, size = await self._evict(item.digest, cutoff)
+                items, freed = items + n, freed + size
         self.evicted_items += items
         self.evicted_bytes += freed
         metrics.EVICTIONS.inc(items)
@@ -95,24 +130,34 @@ class Budget:
                         "referred to", target, self.used)
         return items, freed
 
-    async def _evict(self, digest: str, kind: str, protected: set[str],
-                     cutoff: float) -> tuple[int, int]:
+    async def _evict(self, digest: str, cutoff: float) -> tuple[int, int]:
         """Evict one item and then whatever it alone kept (an image's layers, an index's
-        manifests) that is not protected or recently used; (items, bytes) freed."""
-        item = self.usage.item(digest)
-        if item is None:
+        manifests) that may go now; (items, bytes) freed."""
+        evicted = await self.metadata.evict(digest, cutoff, self._in_use, self.store.remove,
+                                            linked_before=time.time() - self.link_grace)
+        if evicted is None:
             return 0, 0
-        children = self.usage.children(digest) if kind == "manifest" else []
-        if kind == "manifest":
-            await self.index.drop_manifest(digest)
-        else:
-            self.store.remove(digest)
-        items, freed = 1, item.size
-        for child in children:
-            found = self.usage.item(child)
-            if found is None or child in protected or found.atime >= cutoff \
-                    or self.usage.parents(child):
-                continue
-            n, size = await self._evict(child, found.kind, protected, cutoff)
+        if evicted.item.kind == "manifest":
+            await self.index.forget_cached(digest, evicted.tags)
+        items, freed = 1, evicted.item.size
+        for child in evicted.children:
+            n, size = await self._evict(child, cutoff)
             items, freed = items + n, freed + size
         return items, freed
+
+
+class Hold:
+    """One response's claim on a blob; `release` is idempotent (a response that is never
+    sent releases it when it is collected, see api/responses.py)."""
+
+    def __init__(self, readers: Counter[str], digest: str):
+        self._readers = readers
+        self.digest = digest
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._readers[self.digest] -= 1
+            if self._readers[self.digest] <= 0:
+                del self._readers[self.digest]

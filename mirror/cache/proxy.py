@@ -20,9 +20,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Awaitable
 from urllib.parse import urlencode
 
-from ..errors import BlobUnknown, ManifestUnknown, NameUnknown, TooManyRequests, Unavailable
+from ..errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    StorageFull,
+    TooManyRequests,
+    Unavailable,
+)
 from ..media import (
     ALL_TYPES,
     DOCKER_SCHEMA1,
@@ -116,8 +124,8 @@ class Proxy:
     async def _refresh_tag(self, route: Route, tag: str, cls: str, accept: list[str],
                            head: bool) -> Manifest:
         manifest = await self._fetch_manifest(route, tag, accept, head)
-        await self.index.put_tag(route.key, tag, cls, TagRecord(
-            manifest.digest, manifest.media_type, manifest.size, time.time()))
+        await self._keep(self.index.put_tag(route.key, tag, cls, TagRecord(
+            manifest.digest, manifest.media_type, manifest.size, time.time())))
         return manifest
 
     async def _revalidate(self, route: Route, tag: str, cls: str, accept: list[str],
@@ -139,7 +147,7 @@ class Proxy:
         return await self.index.tag(route.key, tag, cls) or record
 
     async def _by_digest(self, route: Route, digest: str) -> Manifest:
-        found = self.index.manifest(digest)
+        found = await self.index.manifest(digest)
         if found is not None:
             self.usage.touch(digest)
             media_type, body = found
@@ -175,9 +183,19 @@ class Proxy:
                 raise Unavailable(f"upstream {upstream.name} sent a manifest for "
                                   f"{route.name}:{reference} that does not match {expected}")
         digest = parse_digest(expected or computed)
-        self.index.put_manifest(digest, media_type, body)
-        self.index.add_repository(self.catalog_name(route))
+        if await self._keep(self.index.put_manifest(digest, media_type, body)):
+            await self._keep(self.index.add_repository(self.catalog_name(route)))
         return Manifest(digest, media_type, len(body), body)
+
+    async def _keep(self, write: Awaitable[None]) -> bool:
+        """Store what was fetched; a full disk must not fail the client's pull (the answer
+        is verified and served, just not kept), so it is logged instead. Whether it was kept."""
+        try:
+            await write
+        except StorageFull as e:
+            log.error("not cached: %s", e.message)
+            return False
+        return True
 
     # Blobs.
     def blob_size(self, digest: str) -> int | None:
@@ -188,9 +206,13 @@ class Proxy:
         return size
 
     def blob_fill(self, route: Route, digest: str) -> tuple[Fill, int]:
-        """Join (or start) the fill of a missing blob; the descriptor reads its spool."""
+        """Join (or start) the fill of a missing blob; the descriptor reads its spool.
+
+        The route comes along: should the route the fill reads from fail (a bogus name, a
+        down upstream), the fill goes on through this one (fill.py)."""
         upstream = self._upstream(route)
-        return self.fills.join(digest, lambda start: upstream.blob(route.name, digest, start))
+        return self.fills.join(digest, lambda start: upstream.blob(route.name, digest, start),
+                               route=route.key)
 
     async def blob_head(self, route: Route, digest: str) -> int:
         """The size of a blob, asking the upstream for a HEAD (never a body) on a miss."""
@@ -210,7 +232,7 @@ class Proxy:
 
     # Tag lists and referrers.
     async def tags(self, route: Route) -> list[str]:
-        cached = self.index.tag_list(route.key)
+        cached = await self.index.tag_list(route.key)
         if cached is not None and time.time() - cached[1] < route.upstream.tag_ttl:
             return cached[0]
         try:
@@ -236,8 +258,8 @@ class Proxy:
             if path is None:
                 break
         result = sorted(tags)
-        self.index.put_tag_list(route.key, result)
-        self.index.add_repository(self.catalog_name(route))
+        if await self._keep(self.index.put_tag_list(route.key, result)):
+            await self._keep(self.index.add_repository(self.catalog_name(route)))
         return result
 
     async def referrers(self, route: Route, digest: str, artifact_type: str | None) -> Answer:
@@ -274,7 +296,11 @@ def _next_link(answer: Answer, expected_path: str) -> str | None:
     link = answer.headers.get("Link", "")
     if 'rel="next"' not in link or "<" not in link:
         return None
-    target = link[link.index("<") + 1:link.index(">")]
+    start = link.index("<") + 1
+    end = link.find(">", start)
+    if end < 0:
+        return None  # no closing ">": not a link
+    target = link[start:end]
     if "://" in target:
         target = "/" + target.split("://", 1)[1].partition("/")[2]
     return target if target.split("?")[0] == expected_path else None

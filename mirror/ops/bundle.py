@@ -82,7 +82,7 @@ async def _export(config: Config, texts: list[str], output: Path) -> int:
         for text in texts:  # every image is checked before a byte is written
             chosen = await _choose(storage, router, text)
             contents.images.append(chosen)
-            _collect(storage, chosen, contents)
+            await _collect(storage, chosen, contents)
         _write(storage, contents, output, progress)
     finally:
         progress.close()
@@ -103,19 +103,19 @@ async def _choose(storage: Storage, router: Router, text: str) -> Chosen:
     route = route_image(router, image)
     reference = full_reference(route, image.reference)
     if image.by_digest:
-        found = storage.index.manifest(image.reference)
+        found = await storage.index.manifest(image.reference)
         if found is None:
             raise CommandError(f"{text} is not cached here (no manifest {image.reference})")
         return Chosen(reference, image.reference, found[0], len(found[1]))
     for accept_class in ("index", "manifest"):
         record = await storage.index.tag(route.key, image.reference, accept_class)
-        if record is not None and storage.index.manifest(record.digest) is not None:
+        if record is not None and await storage.index.manifest(record.digest) is not None:
             return Chosen(reference, record.digest, record.media_type, record.size)
     raise CommandError(f"{text} is not cached here ({reference} has no tag record); "
                        "prefetch it first")
 
 
-def _collect(storage: Storage, chosen: Chosen, contents: Contents) -> None:
+async def _collect(storage: Storage, chosen: Chosen, contents: Contents) -> None:
     """The image's manifests (parents first) and blobs. An index's platform manifests that
     the cache does not hold are left out; an image's missing blob stops the export."""
     pending: list[tuple[str, bool]] = [(chosen.digest, True)]
@@ -123,7 +123,7 @@ def _collect(storage: Storage, chosen: Chosen, contents: Contents) -> None:
         digest, required = pending.pop(0)
         if digest in contents.manifests:
             continue
-        found = storage.index.manifest(digest)
+        found = await storage.index.manifest(digest)
         if found is None:
             if required:
                 raise CommandError(f"{chosen.reference}: manifest {digest} is not cached")

@@ -1,10 +1,17 @@
-"""`mirror gc` and `mirror verify`: storage housekeeping, safe while the server runs.
+"""`mirror gc` and `mirror verify`, and the reconciliation the server does at every start.
 
-- adopt: a storage root from before the ledger existed gets its blobs and manifests
-  entered into it once, at the server's start, so that budget and gc know them.
-- gc: removes expired uploads, spool files no fill has touched for an hour, blob files the
-  ledger does not know, and blobs nothing refers to (no cached or hosted manifest, not
-  pinned) that were not used for `grace` seconds.
+- reconcile (at each server start): blob files and manifests the ledger does not know are
+  entered into it (a crash between a commit and its ledger write, a root from an older
+  version), and ledger rows of blobs whose file is gone are forgotten, so the budget and
+  gc count what is really on the disk.
+- gc: removes expired uploads; spool files in tmp/ only when no server holds the storage
+  root (a live server's spools are fills in progress or downloads kept for resuming, and
+  the server empties tmp/ at its next start); blob files the ledger does not know that are
+  older than `grace`; and blobs nothing refers to (no cached or hosted manifest, not
+  pinned, not pushed within `hosted.upload_ttl`) that were not used for `grace` seconds —
+  each one through the same per-item eviction check the server's budget uses, so a blob a
+  push just uploaded or mounted is never taken. A file evicted by the live server while
+  gc or verify walks the store is skipped.
 - verify: re-hashes every stored blob; one whose bytes do not match its name is moved to
   `<root>/quarantine/`, and every manifest that refers to it is forgotten with its tags,
   so the next pull fetches a good copy.
@@ -12,6 +19,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import sys
@@ -20,13 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as cfg
-from ..cache.hosted import Hosted
 from ..media import references
-from ..reference import Router
+from ..storage import lock
 from ..storage.blobs import BlobStore
-from ..storage.index import Index
+from ..storage.metadata import Metadata
 from ..storage.uploads import Uploads
-from ..storage.usage import Usage
 from .local import Storage
 
 SPOOL_GRACE = 3600.0
@@ -38,49 +44,77 @@ class Report:
     removed: int = 0
     removed_bytes: int = 0
     bad: list[str] = field(default_factory=list)
+    skipped_spools: bool = False  # a server holds the root: tmp/ is its business
 
 
-def adopt(store: BlobStore, index: Index, usage: Usage) -> int:
-    """Enter blob files and manifests that the ledger does not know; how many."""
-    count = 0
-    for key in index.db.iterkeys():
-        if isinstance(key, str) and key.startswith("m:") and usage.item(key[2:]) is None:
-            media_type, body = index.db.get(key)
-            usage.add(key[2:], "manifest", len(body), references(body))
-            count += 1
-    for path, digest in _blob_files(store):
-        if usage.item(digest) is None:
-            stat = path.stat()
-            usage.add(digest, "blob", stat.st_size, atime=stat.st_mtime)
-            count += 1
-    return count
+@dataclass
+class Reconciled:
+    entered: int = 0
+    forgotten: int = 0
+
+
+async def reconcile(store: BlobStore, metadata: Metadata) -> Reconciled:
+    """Make the ledger agree with the disk; see the module docstring."""
+    result = Reconciled()
+    known = {item.digest: item for item in await metadata.items()}
+    files = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: [(digest, path.stat()) for path, digest in _blob_files(store)])
+    on_disk = set()
+    for digest, stat in files:
+        on_disk.add(digest)
+        if digest not in known:
+            metadata.record_blob(digest, stat.st_size, atime=stat.st_mtime)
+            result.entered += 1
+    for digest in await metadata.manifest_digests():
+        if digest not in known:
+            found = await metadata.manifest(digest)
+            if found is not None:
+                await metadata.put_manifest(digest, found[0], found[1], references(found[1]))
+                result.entered += 1
+    for digest, item in known.items():
+        if item.kind == "blob" and digest not in on_disk:
+            await metadata.forget(digest)
+            result.forgotten += 1
+    return result
 
 
 async def gc(config: cfg.Config, grace: float = 3600.0) -> Report:
     report = Report()
     storage = Storage(config)
-    hosted = _hosted(config, storage)
     try:
         Uploads(config.storage.root, storage.store, config.hosted.upload_ttl).expire()
         now = time.time()
-        for path in storage.store.tmp.iterdir():
-            if now - path.stat().st_mtime > SPOOL_GRACE:
-                report.removed += 1
-                report.removed_bytes += path.stat().st_size
-                path.unlink(missing_ok=True)
-        kept = hosted.held | storage.usage.pinned_closure()
-        for path, digest in _blob_files(storage.store):
+        if lock.held(config.storage.root):
+            report.skipped_spools = True
+        else:
+            for path in storage.store.tmp.iterdir():
+                if now - path.stat().st_mtime > SPOOL_GRACE:
+                    report.removed += 1
+                    report.removed_bytes += path.stat().st_size
+                    path.unlink(missing_ok=True)
+        metadata = storage.metadata
+        held = await metadata.held_by_hosted()
+        linked_before = now - config.hosted.upload_ttl
+        for path, digest in list(_blob_files(storage.store)):
             report.checked += 1
-            item = storage.usage.item(digest)
-            unknown = item is None
-            unreferenced = item is not None and item.atime < now - grace \
-                and not storage.usage.parents(digest)
-            if digest not in kept and (unknown or unreferenced):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # evicted by the running server since the listing
+                continue
+            if await metadata.item(digest) is None:
+                # A file the ledger does not know: a commit whose ledger write is still
+                # queued looks the same for a moment, hence the grace on its age too.
+                if stat.st_mtime < now - grace and digest not in held:
+                    storage.store.remove(digest)
+                    report.removed += 1
+                    report.removed_bytes += stat.st_size
+                continue
+            evicted = await metadata.evict(digest, now - grace, lambda d: False,
+                                           storage.store.remove, linked_before)
+            if evicted is not None:
                 report.removed += 1
-                report.removed_bytes += path.stat().st_size
-                storage.store.remove(digest)
+                report.removed_bytes += evicted.item.size
     finally:
-        hosted.close()
         await storage.close()
     return report
 
@@ -96,33 +130,38 @@ async def verify(config: cfg.Config, progress=None) -> Report:
                 progress(number, len(files), digest)
             report.checked += 1
             algorithm, _, expected = digest.partition(":")
-            hasher = hashlib.new(algorithm)
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    hasher.update(chunk)
-            if hasher.hexdigest() == expected:
+            actual = await asyncio.get_running_loop().run_in_executor(
+                None, _hash_file, path, algorithm)
+            if actual is None or actual == expected:  # None: evicted since the listing
                 continue
             report.bad.append(digest)
             quarantine.mkdir(exist_ok=True)
             os.replace(path, quarantine / f"{algorithm}-{expected}")
-            for parent in _ancestors(storage.usage, digest):
+            for parent in await _ancestors(storage.metadata, digest):
                 await storage.index.drop_manifest(parent)
-            storage.usage.remove(digest)
+            await storage.metadata.forget(digest)
     finally:
         await storage.close()
     return report
 
 
-def _hosted(config: cfg.Config, storage: Storage) -> Hosted:
-    return Hosted(config.storage.root, storage.index, storage.store, config.hosted,
-                  Router(config.upstreams))
+def _hash_file(path: Path, algorithm: str) -> str | None:
+    """The file's digest, or None when it is gone (a live server evicted it meanwhile)."""
+    hasher = hashlib.new(algorithm)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return None
+    return hasher.hexdigest()
 
 
-def _ancestors(usage: Usage, digest: str) -> list[str]:
+async def _ancestors(metadata: Metadata, digest: str) -> list[str]:
     """The manifests that refer to `digest`, and the indexes that refer to those."""
     found, frontier = [], [digest]
     while frontier:
-        for parent in usage.parents(frontier.pop()):
+        for parent in await metadata.parents(frontier.pop()):
             if parent not in found:
                 found.append(parent)
                 frontier.append(parent)

@@ -1,11 +1,11 @@
 """`mirror ls` and `mirror du`: what the cache and the hosted repositories hold, and how much.
 
-Read from storage directly, with one pass over the index's keys: each tag record
-(`t:<upstream>/<name>:<tag>:<class>`) names a cached repository, a tag and the manifest it
-answers with. A repository's size is everything its tagged manifests reach — manifests,
-configs, layers, each counted once per repository — and its last use is the latest clock
-among them. Sizes, references and clocks come from the ledger; content the ledger does not
-know is measured from the manifest itself and the blob file. Each digest is looked up once
+Read from the metadata store directly, with one pass over its tag records: each names a
+cached repository (`<upstream>/<name>`), a tag and the manifest it answers with. A
+repository's size is everything its tagged manifests reach — manifests, configs, layers,
+each counted once per repository — and its last use is the latest clock among them.
+Sizes, references and clocks come from the ledger; content the ledger does not know is
+measured from the manifest itself and the blob file. Each digest is looked up once
 however many repositories share it, so the cost is the number of tags plus the number of
 distinct digests they reach, never repositories times cache. Content shared by two
 repositories counts in each, and once in the totals of `du`.
@@ -18,7 +18,6 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from ..cache.hosted import Hosted
 from ..config import Config
 from ..errors import RegistryError
 from ..media import references
@@ -58,17 +57,22 @@ class Lookup:
         self.found: dict[str, Entry | None] = {}
 
     def __call__(self, digest: str) -> Entry | None:
+        """A digest already looked up (by `entry` or `closure`)."""
+        return self.found.get(digest)
+
+    async def entry(self, digest: str) -> Entry | None:
         if digest not in self.found:
-            self.found[digest] = self._find(digest)
+            self.found[digest] = await self._find(digest)
         return self.found[digest]
 
-    def _find(self, digest: str) -> Entry | None:
-        item = self.storage.usage.item(digest)
+    async def _find(self, digest: str) -> Entry | None:
+        metadata = self.storage.metadata
+        item = await metadata.item(digest)
         manifest = None
         if item is None or item.kind == "manifest":
-            manifest = self.storage.index.manifest(digest)
+            manifest = await self.storage.index.manifest(digest)
         if item is not None:
-            children = self.storage.usage.children(digest) if item.kind == "manifest" else []
+            children = await metadata.children(digest) if item.kind == "manifest" else []
             if manifest is not None and not children:
                 children = references(manifest[1])
             return Entry(item.size, item.atime, tuple(children))
@@ -77,55 +81,48 @@ class Lookup:
         size = self.storage.store.size(digest)
         return None if size is None else Entry(size, None, ())
 
-    def closure(self, roots: set[str]) -> set[str]:
+    async def closure(self, roots: set[str]) -> set[str]:
         """The stored digests that `roots` reach (an index's missing platforms are skipped)."""
         found: set[str] = set()
         pending = list(roots)
         while pending:
             digest = pending.pop()
-            entry = self(digest)
+            entry = await self.entry(digest)
             if digest in found or entry is None:
                 continue
             found.add(digest)
             pending += entry.children
         return found
 
-    def measure(self, repository: Repository, roots: set[str]) -> None:
-        repository.content = self.closure(roots)
+    async def measure(self, repository: Repository, roots: set[str]) -> None:
+        repository.content = await self.closure(roots)
         entries = [self(d) for d in repository.content]
         repository.size = sum(e.size for e in entries if e is not None)
         clocks = [e.atime for e in entries if e is not None and e.atime is not None]
         repository.last_used = max(clocks, default=None)
 
 
-def repositories(config: Config, storage: Storage, lookup: Lookup) -> list[Repository]:
-    cached = _cached(config, storage, lookup)
-    hosted = _hosted(config, storage, lookup)
+async def repositories(config: Config, storage: Storage, lookup: Lookup) -> list[Repository]:
+    cached = await _cached(config, storage, lookup)
+    hosted = await _hosted(config, storage, lookup)
     return sorted(cached + hosted, key=lambda r: (r.name, r.kind))
 
 
-def _cached(config: Config, storage: Storage, lookup: Lookup) -> list[Repository]:
+async def _cached(config: Config, storage: Storage, lookup: Lookup) -> list[Repository]:
     found: dict[str, Repository] = {}
-    for key in storage.index.db.iterkeys():
-        if not isinstance(key, str) or not key.startswith("t:"):
-            continue
-        record = storage.index.db.get(key)
-        if record is None:  # dropped since the iteration began
-            continue
-        # Upstream names may carry a port, tags and classes never hold a colon.
-        repo_key, tag, accept_class = key[2:].rsplit(":", 2)
+    for repo_key, tag, accept_class, record in await storage.metadata.tag_records():
         repository = found.setdefault(repo_key, Repository(_client_name(config, repo_key),
                                                            "cached", repo_key))
         repository.tags.setdefault(tag, {})[accept_class] = record.digest
     router = Router(config.upstreams)
-    for name in storage.index.repository_names():  # pulled by digest only: no tags
+    for name in await storage.index.repository_names():  # pulled by digest only: no tags
         try:
             key = router.route(name).key
         except RegistryError:  # a catalog name from an upstream no longer configured
             continue
         found.setdefault(key, Repository(name, "cached", key))
     for repository in found.values():
-        lookup.measure(repository, {d for c in repository.tags.values() for d in c.values()})
+        await lookup.measure(repository, {d for c in repository.tags.values() for d in c.values()})
     return list(found.values())
 
 
@@ -137,22 +134,17 @@ def _client_name(config: Config, key: str) -> str:
     return key
 
 
-def _hosted(config: Config, storage: Storage, lookup: Lookup) -> list[Repository]:
-    hosted = Hosted(config.storage.root, storage.index, storage.store, config.hosted,
-                    Router(config.upstreams))
-    try:
-        found = []
-        for name in hosted.names():
-            # Hosted has no public reader of a whole repository record (tags, manifests,
-            # blobs) yet; what is counted is everything the repository holds.
-            record = hosted.repository(name)
-            repository = Repository(name, "hosted",
-                                    tags={t: {"any": d} for t, d in record["tags"].items()})
-            lookup.measure(repository, set(record["manifests"]) | set(record["blobs"]))
-            found.append(repository)
-        return found
-    finally:
-        hosted.close()
+async def _hosted(config: Config, storage: Storage, lookup: Lookup) -> list[Repository]:
+    found = []
+    for name in await storage.metadata.hosted_names():
+        record = await storage.metadata.hosted(name)
+        if record is None:  # deleted since the names were read
+            continue
+        repository = Repository(name, "hosted",
+                                tags={t: {"any": d} for t, d in record.tags.items()})
+        await lookup.measure(repository, set(record.manifests) | set(record.blobs))
+        found.append(repository)
+    return found
 
 
 def totals(config: Config, storage: Storage, lookup: Lookup,
@@ -165,7 +157,7 @@ def totals(config: Config, storage: Storage, lookup: Lookup,
 
     # What the budget counts: the ledger, plus whatever it has not recorded.
     unrecorded = {d for d in cached | hosted if (e := lookup(d)) is not None and e.atime is None}
-    used = storage.usage.total() + size(unrecorded)
+    used = storage.metadata.total() + size(unrecorded)
     budget = config.storage.max_size
     top = sorted(found, key=lambda r: -r.size)[:TOP]
     return {"cached_bytes": size(cached), "hosted_bytes": size(hosted), "used_bytes": used,
@@ -211,7 +203,7 @@ async def _gather(config: Config) -> tuple[list[Repository], dict]:
     storage = Storage(config)
     try:
         lookup = Lookup(storage)
-        found = repositories(config, storage, lookup)
+        found = await repositories(config, storage, lookup)
         return found, totals(config, storage, lookup, found)
     finally:
         await storage.close()

@@ -6,7 +6,7 @@ An image is written as a client pulls it from this mirror: `alpine:3.19`,
 picks the upstream, as `/v2/<name>` routing does), with the tag `latest` when none is given.
 The storage is opened without the server's start-up housekeeping: its `tmp/` holds the
 spool files of fills the running server is writing, which a second process must not remove,
-and the ledger (usage.py) is safe to share with the server.
+and the metadata database (storage/sqlite.py) is safe to share with the server.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..reference import Route, Router, is_digest, parse_digest, parse_name, pars
 from ..storage.blobs import BlobStore
 from ..storage.index import Index
 from ..storage.memory import Memory
-from ..storage.usage import Usage
+from ..storage.sqlite import SqliteMetadata
 
 
 class CommandError(Exception):
@@ -74,8 +74,8 @@ def catalog_name(route: Route) -> str:
 
 
 class Storage:
-    """Index, blob store and ledger of `config.storage.root`, for one command's lifetime.
-    (housekeeping.Storage opens uploads too, which expires them: not for read-only tools.)"""
+    """Metadata, index and blob store of `config.storage.root`, for one command's lifetime.
+    (housekeeping.gc opens uploads too, which expires them: not for read-only tools.)"""
 
     def __init__(self, config: Config, create: bool = False):
         root = config.storage.root
@@ -86,14 +86,13 @@ class Storage:
                                "mirror's config?")
         # Index and BlobStore keep the ledger as they store (the server's own rules); the
         # spools in tmp/ are left alone, as they may be the running server's fills.
-        self.usage = Usage(root)
-        self.store = BlobStore(root, self.usage)
+        self.metadata = SqliteMetadata(root)
+        self.store = BlobStore(root, self.metadata)
         self.memory = Memory()
-        self.index = Index(root, self.memory, self.usage)
+        self.index = Index(self.metadata, self.memory)
 
     async def close(self) -> None:
-        self.usage.close()
-        self.index.close()
+        await self.metadata.close()
         await self.memory.close()
 
 

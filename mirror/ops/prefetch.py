@@ -24,7 +24,7 @@ import aiohttp
 from .. import media
 from ..config import Config
 from ..storage.blobs import BlobStore
-from ..storage.usage import Usage
+from ..storage.sqlite import SqliteMetadata
 from .local import CommandError, Image, human_size, image_blobs, parse_image
 from .progress import Progress, bar
 
@@ -206,11 +206,11 @@ class Local:
     a cached one."""
 
     def __init__(self, root: str):
-        self.usage = Usage(root)
-        self.store = BlobStore(root, self.usage)
+        self.metadata = SqliteMetadata(root)
+        self.store = BlobStore(root, self.metadata)
 
     def close(self) -> None:
-        self.usage.close()
+        self.metadata.close_now()
 
     async def unstored(self, digests: list[str]) -> list[str]:
         """The blobs still not in the store after waiting up to COMMIT_WAIT for them."""
@@ -221,15 +221,15 @@ class Local:
                 return digests
             await asyncio.sleep(0.05)
 
-    def pin(self, manifests: list[Manifest]) -> None:
+    async def pin(self, manifests: list[Manifest]) -> None:
         """Pin the image's top-level manifest. The mirror enters what it stores into the
         ledger; what is not there (yet) is added here, with its references, so that the
         pin keeps the whole image."""
         for manifest in manifests:
-            if self.usage.item(manifest.digest) is None:
-                self.usage.add(manifest.digest, "manifest", len(manifest.body),
-                               media.references(manifest.body))
-        self.usage.pin(manifests[0].digest)
+            if await self.metadata.item(manifest.digest) is None:
+                await self.metadata.put_manifest(manifest.digest, manifest.media_type,
+                                                 manifest.body, media.references(manifest.body))
+        await self.metadata.pin(manifests[0].digest)
 
 
 def read_list(path: str) -> list[str]:
@@ -255,7 +255,8 @@ def run(config: Config, texts: list[str], platform: str | None, pin_images: bool
         raise CommandError("--jobs must be at least 1")
     images = [parse_image(text) for text in texts]
     wanted = parse_platform(platform) if platform else None
-    local = (Path(config.storage.root) / "index" / "usage.sqlite").exists()
+    root = Path(config.storage.root)
+    local = (root / "metadata.sqlite").exists() or (root / "index" / "usage.sqlite").exists()
     if pin_images and not local:  # or --pin would start a ledger nobody reads
         raise CommandError(f"--pin: {config.storage.root} holds no mirror's ledger; --config "
                            "must be the config of the mirror being prefetched into")
@@ -289,7 +290,7 @@ async def _run(config: Config, images: list[Image], platform: Platform | None,
                 progress.event(f"failed {image.text}: {e}")
                 return
             if pin_images and local is not None:
-                local.pin(manifests)
+                await local.pin(manifests)
             prefetch.tally.images += 1
             progress.event(f"ok {image.text} {manifests[0].digest}"
                            f"{' (pinned)' if pin_images else ''}")

@@ -124,7 +124,7 @@ async def _import(config: Config, path: Path) -> int:
     received = Received(storage, progress, total)
     try:
         layout = _read(path, received)
-        plan = _plan(layout, received, storage, Router(config.upstreams))
+        plan = await _plan(layout, received, storage, Router(config.upstreams))
         new = await _store(plan, received, storage)
     finally:
         received.discard()  # whatever was not committed
@@ -185,7 +185,8 @@ def _json(data: bytes, what: str) -> dict:
     return document
 
 
-def _plan(layout: dict, received: Received, storage: Storage, router: Router) -> Plan:
+async def _plan(layout: dict, received: Received, storage: Storage,
+                router: Router) -> Plan:
     plan = Plan()
     for entry in layout["manifests"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
@@ -198,7 +199,7 @@ def _plan(layout: dict, received: Received, storage: Storage, router: Router) ->
                 f"{entry['digest']}: {REF_NAME} is {reference!r}, not a full reference whose "
                 "first part names an upstream configured here (docker.io/library/alpine:3.19)")
         route = route_image(router, image)
-        _visit(plan, received, storage, entry["digest"], entry.get("mediaType"), reference,
+        await _visit(plan, received, storage, entry["digest"], entry.get("mediaType"), reference,
                required=True)
         plan.routes.append(route)
         if image.by_digest:
@@ -209,13 +210,13 @@ def _plan(layout: dict, received: Received, storage: Storage, router: Router) ->
     return plan
 
 
-def _visit(plan: Plan, received: Received, storage: Storage, digest: str,
+async def _visit(plan: Plan, received: Received, storage: Storage, digest: str,
            media_type: str | None, reference: str, required: bool) -> None:
     if digest in plan.manifests:
         return
     body = received.body(digest)
     if body is None:
-        found = storage.index.manifest(digest)  # carried already by an earlier import
+        found = await storage.index.manifest(digest)  # carried already by an earlier import
         if found is None:
             if required:
                 raise CommandError(f"{reference}: the bundle lacks its manifest {digest}")
@@ -228,7 +229,7 @@ def _visit(plan: Plan, received: Received, storage: Storage, digest: str,
     if isinstance(children, list):
         for child in children:
             if isinstance(child, dict) and isinstance(child.get("digest"), str):
-                _visit(plan, received, storage, child["digest"], child.get("mediaType"),
+                await _visit(plan, received, storage, child["digest"], child.get("mediaType"),
                        reference, required=False)
     else:
         for blob, _ in image_blobs(document):
@@ -247,9 +248,9 @@ async def _store(plan: Plan, received: Received, storage: Storage) -> int:
             storage.store.commit(received.spools.pop(digest)[0], digest)
             new += 1
         else:  # stored already: imported content counts as just used
-            storage.usage.add(digest, "blob", storage.store.size(digest) or 0)
+            storage.metadata.record_blob(digest, storage.store.size(digest) or 0)
     for digest, (media_type, body) in plan.manifests.items():
-        storage.index.put_manifest(digest, media_type, body)
+        await storage.index.put_manifest(digest, media_type, body)
     now = time.time()
     for route, tag, digest in plan.tags:
         media_type, body = plan.manifests[digest]
@@ -259,5 +260,5 @@ async def _store(plan: Plan, received: Received, storage: Storage) -> int:
             record = TagRecord(digest, media_type, len(body), now)
             await storage.index.put_tag(route.key, tag, accept_class, record)
     for route in plan.routes:
-        storage.index.add_repository(catalog_name(route))
+        await storage.index.add_repository(catalog_name(route))
     return new

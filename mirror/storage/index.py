@@ -1,30 +1,19 @@
-"""The metadata index (diskcache): manifests by digest, tag records, tag lists, repositories.
+"""Index: the metadata store (metadata.py) with its in-memory tier in front of it.
 
-    <root>/index/    a diskcache directory (SQLite + value files), durable across restarts
-
-    m:<digest>                        → (media_type, manifest bytes exactly as the upstream sent)
-    t:<upstream>/<name>:<tag>:<class> → TagRecord: what the tag answered for one Accept class
-    l:<upstream>/<name>               → (tags, fetched_at): the upstream's full tag list
-    catalog (a second cache)          → one key per repository the cache holds, for _catalog
-
-Manifests are also held in a small in-process LRU and tag records in the memory tier, so a
-warm manifest request does no disk read at all. Blobs are not here: they are files (blobs.py).
+Manifests are also held in a small in-process LRU and tag records in the memory tier
+(memory.py), so a warm manifest request does no database read at all. Everything durable
+is in the `Metadata` backend; what is here is a copy that a restart simply re-reads.
+Blobs are not here: they are files (blobs.py).
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
-import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
-
-import diskcache
 
 from ..media import references
 from .memory import Memory
-from .usage import Usage
+from .metadata import Metadata, TagRecord
 
 log = logging.getLogger("mirror")
 
@@ -33,62 +22,52 @@ HOT_MANIFEST_BYTES = 32 << 20
 HOT_TAG_SECONDS = 30
 
 
-@dataclass(frozen=True)
-class TagRecord:
-    digest: str
-    media_type: str
-    size: int
-    checked_at: float  # wall-clock time of the last upstream confirmation
-
-    def fresh(self, ttl: float) -> bool:
-        return time.time() - self.checked_at < ttl
-
-
 class Index:
-    def __init__(self, root: str | Path, memory: Memory, usage: Usage):
-        self.db = diskcache.Cache(str(Path(root) / "index"))
-        self.repositories = diskcache.Cache(str(Path(root) / "index" / "catalog"))
+    def __init__(self, metadata: Metadata, memory: Memory):
+        self.metadata = metadata
         self.memory = memory
-        self.usage = usage
         self._hot: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._hot_bytes = 0
-
-    def close(self) -> None:
-        self.db.close()
-        self.repositories.close()
+        self._catalog: set[str] = set()  # names known to be in the catalog already
 
     # Manifests, immutable by digest.
-    def manifest(self, digest: str) -> tuple[str, bytes] | None:
+    async def manifest(self, digest: str) -> tuple[str, bytes] | None:
         found = self._hot.get(digest)
         if found is not None:
             self._hot.move_to_end(digest)
             return found
-        found = self.db.get(f"m:{digest}")
+        found = await self.metadata.manifest(digest)
         if found is not None:
             self._remember(digest, found)
         return found
 
-    def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
-        self._set(f"m:{digest}", (media_type, body))
+    def hot_manifest(self, digest: str) -> tuple[str, bytes] | None:
+        """The manifest if the in-process tier holds it: no await on the hot path."""
+        found = self._hot.get(digest)
+        if found is not None:
+            self._hot.move_to_end(digest)
+        return found
+
+    async def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
+        await self.metadata.put_manifest(digest, media_type, body, references(body))
         self._remember(digest, (media_type, body))
-        self.usage.add(digest, "manifest", len(body), references(body))
 
     async def drop_manifest(self, digest: str) -> None:
-        """Forget a manifest and every tag record that points to it (eviction)."""
-        for key in self.usage.tags_of(digest):
-            self.db.delete(key)
-            await self.memory.delete(key)
-        self.db.delete(f"m:{digest}")
+        """Forget a manifest and every tag record that points to it (verify, eviction)."""
+        tags = await self.metadata.tags_of(digest)
+        await self.metadata.forget(digest)
+        await self.forget_cached(digest, tags)
+
+    async def forget_cached(self, digest: str, tags: list[tuple[str, str, str]]) -> None:
+        """Drop the in-memory copies of a manifest and its tag records (already deleted)."""
+        for repository, tag, accept_class in tags:
+            await self.memory.delete(_tag_key(repository, tag, accept_class))
         if (found := self._hot.pop(digest, None)) is not None:
             self._hot_bytes -= len(found[1])
-        self.usage.remove(digest)
 
-    def _set(self, key: str, value: object) -> None:
-        """Store durably if the disk lets us; a full disk must not fail the client's request."""
-        try:
-            self.db.set(key, value)
-        except (OSError, sqlite3.Error) as e:
-            log.error("cannot store %s in the index: %s", key.partition(":")[2] or key, e)
+    def remember(self, digest: str, media_type: str, body: bytes) -> None:
+        """Hold a manifest just stored durably in the in-process tier."""
+        self._remember(digest, (media_type, body))
 
     def _remember(self, digest: str, value: tuple[str, bytes]) -> None:
         if digest in self._hot:
@@ -101,45 +80,44 @@ class Index:
 
     # Tag records, one per repository, tag and Accept class.
     async def tag(self, repository: str, tag: str, accept_class: str) -> TagRecord | None:
-        key = f"t:{repository}:{tag}:{accept_class}"
+        key = _tag_key(repository, tag, accept_class)
         record = await self.memory.get(key)
         if record is None:
-            record = self.db.get(key)
+            record = await self.metadata.tag(repository, tag, accept_class)
             if record is not None:
                 await self.memory.set(key, record, ttl=HOT_TAG_SECONDS)
         return record
 
     async def put_tag(self, repository: str, tag: str, accept_class: str,
                       record: TagRecord) -> None:
-        key = f"t:{repository}:{tag}:{accept_class}"
-        self._set(key, record)
-        await self.memory.set(key, record, ttl=HOT_TAG_SECONDS)
-        self.usage.tag(key, record.digest)
+        await self.metadata.put_tag(repository, tag, accept_class, record)
+        await self.memory.set(_tag_key(repository, tag, accept_class), record,
+                              ttl=HOT_TAG_SECONDS)
 
     async def drop_tag(self, repository: str, tag: str, accept_class: str) -> None:
-        key = f"t:{repository}:{tag}:{accept_class}"
-        self.db.delete(key)
-        await self.memory.delete(key)
-        self.usage.untag(key)
+        await self.metadata.drop_tag(repository, tag, accept_class)
+        await self.memory.delete(_tag_key(repository, tag, accept_class))
 
     # Tag lists, as the upstream last sent them.
-    def tag_list(self, repository: str) -> tuple[list[str], float] | None:
-        return self.db.get(f"l:{repository}")
+    async def tag_list(self, repository: str) -> tuple[list[str], float] | None:
+        return await self.metadata.tag_list(repository)
 
-    def put_tag_list(self, repository: str, tags: list[str]) -> None:
-        self._set(f"l:{repository}", (tags, time.time()))
+    async def put_tag_list(self, repository: str, tags: list[str]) -> None:
+        await self.metadata.put_tag_list(repository, tags)
 
     # The catalog: repository names as a client would pull them back.
-    def add_repository(self, name: str) -> None:
-        if name not in self.repositories:
-            try:
-                self.repositories.set(name, time.time())
-            except (OSError, sqlite3.Error) as e:
-                log.error("cannot add %s to the catalog: %s", name, e)
+    async def add_repository(self, name: str) -> None:
+        if name not in self._catalog:  # one write per repository, not per manifest
+            await self.metadata.add_repository(name)
+            self._catalog.add(name)
 
     async def has_repository(self, name: str) -> bool:
         """Whether the cache holds content of `name` (as a client pulls it back)."""
-        return name in self.repositories
+        return await self.metadata.has_repository(name)
 
-    def repository_names(self) -> list[str]:
-        return sorted(self.repositories.iterkeys())
+    async def repository_names(self) -> list[str]:
+        return await self.metadata.repository_names()
+
+
+def _tag_key(repository: str, tag: str, accept_class: str) -> str:
+    return f"t:{repository}:{tag}:{accept_class}"
