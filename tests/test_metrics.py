@@ -86,7 +86,11 @@ async def test_cold_blob_counts_a_miss_and_its_size_fetched_warm_counts_a_hit(
 async def test_clients_joining_a_running_fill_count_as_coalesced(mirror, http, upstream, layer):
     name, digest, data = layer
     url = f"{mirror.url}/v2/{name}/blobs/{digest}"
-    async with http.head(url) as resp:  # meet the token challenge before the stall is set
+    # Meet the token challenge before the stall is set. The manifest first, as a client
+    # pulls: a blob HEAD for a repository with nothing cached is answered locally (a push).
+    async with http.get(f"{mirror.url}/v2/{name}/manifests/1.0") as resp:
+        assert resp.status == 200
+    async with http.head(url) as resp:
         assert resp.status == 200
     upstream.proxy.stall(after=1000, match=digest, method="GET")
     before = await scrape(http, mirror)

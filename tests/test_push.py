@@ -1,5 +1,6 @@
 """The private-registry half: push (every upload flow of the spec), pull back, catalog,
-content discovery and management, and hostile input that stores nothing."""
+content discovery and management, and hostile input that stores nothing. Which names may be
+pushed is in test_push_names.py; the seed workflow with skopeo in test_seed_workflow.py."""
 
 import asyncio
 import hashlib
@@ -7,8 +8,6 @@ import json
 import os
 
 import pytest
-
-from tests.conftest import skopeo_copy
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -60,30 +59,11 @@ async def error_code(resp) -> str:
     return json.loads(await resp.read())["errors"][0]["code"]
 
 
-async def test_seed_workflow_push_catalog_pull_back_with_skopeo(mirror, http, upstream, tmp_path):
-    """docker tag + push HOST:5000/newhello, _catalog, pull on another machine: same digests."""
-    source = await skopeo_copy(f"{upstream.registry_url[7:]}/library/alpine:3.19",
-                               tmp_path / "source")
-    proc = await asyncio.create_subprocess_exec(
-        "skopeo", "copy", "--dest-tls-verify=false", "--retry-times=0",
-        f"dir:{tmp_path / 'source'}", f"docker://{mirror.host}/newhello:latest",
-        stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    async with http.get(f"{mirror.url}/v2/_catalog") as resp:
-        assert (await resp.json())["repositories"] == ["newhello"]
-    upstream.proxy.reset()
-    pulled = await skopeo_copy(f"{mirror.host}/newhello:latest", tmp_path / "pulled")
-    assert pulled["digest"] == source["digest"] == upstream.images["library/alpine"].digest
-    assert pulled["blobs"] == source["blobs"]
-    assert upstream.proxy.requests == []  # hosted: never upstream
-    # Pushed layers share storage with cached ones: one file per digest.
-    files = [p.name for p in mirror.blob_files()]
-    assert len(files) == len(set(files)) == len(upstream.images["library/alpine"].blobs)
-
-
-async def test_hosted_name_wins_over_the_upstream_and_misses_stay_local(mirror, http, upstream):
-    digest, manifest = await push_image(http, mirror, "team/app", "mine", b"shadow")
+async def test_a_hosted_name_answers_unrouted_requests_and_its_misses_stay_local(mirror, http,
+                                                                                upstream):
+    """team/app is not cached, so it may be hosted: /v2/team/app is then the hosted one, and
+    a request that names the upstream (?ns=, /hub/) still gets the upstream's."""
+    _, manifest = await push_image(http, mirror, "team/app", "mine", b"hosted")
     async with http.get(f"{mirror.url}/v2/team/app/manifests/mine") as resp:
         assert await resp.read() == manifest
     async with http.get(f"{mirror.url}/v2/team/app/manifests/2.0") as resp:  # upstream has it
@@ -91,6 +71,12 @@ async def test_hosted_name_wins_over_the_upstream_and_misses_stay_local(mirror, 
     async with http.get(f"{mirror.url}/v2/team/app/tags/list") as resp:
         assert (await resp.json())["tags"] == ["mine"]
     assert upstream.proxy.requests == []
+    app = upstream.images["team/app"]
+    for path in ("/v2/team/app/manifests/2.0?ns=docker.io", "/hub/v2/team/app/manifests/2.0"):
+        async with http.get(mirror.url + path, headers={"Accept": app.media_type}) as resp:
+            assert await resp.read() == app.manifest, path
+    async with http.get(f"{mirror.url}/v2/team/app/manifests/mine?ns=docker.io") as resp:
+        assert resp.status == 404 and await error_code(resp) == "MANIFEST_UNKNOWN"
 
 
 async def test_monolithic_post_with_digest(mirror, http):

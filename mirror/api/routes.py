@@ -1,8 +1,9 @@
 """The route table of the registry API, and the thin handlers of its pull side.
 
 A request for a hosted repository (one something was pushed to) is answered from
-`hosted.py`; any other goes through the pull-through cache (`proxy.py`). The push side's
-handlers are in `push.py`.
+`hosted.py`, unless the request names an upstream (`?ns=`, a path prefix); any other goes
+through the pull-through cache (`proxy.py`). The push side's handlers are in `push.py`, and
+which names may be pushed to is `cache/names.py`.
 
 Every route exists twice: as `/v2/...` and under an outer path prefix `/<prefix>/v2/...`
 (Docker >= 25 and containerd mirror URLs like `https://m/hub`). `{name:.+}` is greedy, so
@@ -18,8 +19,10 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import metrics
-from ..errors import ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
-from ..keys import HOSTED, PROXY, ROUTER
+from ..cache.names import reserved
+from ..cache.proxy import Proxy
+from ..errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
+from ..keys import BUDGET, HOSTED, PROXY, ROUTER
 from ..media import OCI_INDEX
 from ..reference import TAG, Route, is_digest, parse_digest, parse_name
 from . import push, status
@@ -71,12 +74,21 @@ def route(request: web.Request) -> Route:
                                      prefix=request.match_info.get("prefix"))
 
 
+def names_upstream(request: web.Request) -> bool:
+    """Whether the request itself picks an upstream (`?ns=`, a path prefix)."""
+    return "prefix" in request.match_info or "ns" in request.query
+
+
 def hosted(request: web.Request) -> str | None:
-    """The name, when the request is for a hosted repository: those win over upstreams."""
-    if "prefix" in request.match_info:
+    """The name, when the request is for a hosted repository: those win over the default
+    upstream, never over a request that names an upstream, and never under a name the
+    upstreams keep for themselves (one hosted before cache/names.py refused it)."""
+    if names_upstream(request):
         return None
     name = parse_name(request.match_info["name"])
-    return name if request.app[HOSTED].exists(name) else None
+    if not request.app[HOSTED].exists(name) or reserved(name, request.app[ROUTER]):
+        return None
+    return name
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -95,7 +107,7 @@ async def manifest(request: web.Request) -> web.Response:
         raise ManifestUnknown(f"{reference[:200]!r} is not a valid tag, so no manifest has it")
     head = request.method == "HEAD"
     if name := hosted(request):
-        found = request.app[HOSTED].manifest(name, reference)
+        found = await request.app[HOSTED].manifest(name, reference)
         metrics.REPOSITORIES.add(name)
     else:
         target = route(request)
@@ -121,34 +133,72 @@ async def blob(request: web.Request) -> web.StreamResponse:
     proxy = request.app[PROXY]
     headers = {"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream",
                "Accept-Ranges": "bytes"}
-    if name := hosted(request):
-        size = request.app[HOSTED].blob_size(name, digest)
-    elif request.method == "HEAD":
-        size = await proxy.blob_head(route(request), digest)
-    else:
-        size = proxy.blob_size(digest)
-        if size is not None:
+    if request.method == "HEAD":
+        name = hosted(request)
+        size = await (request.app[HOSTED].blob_size(name, digest) if name
+                      else _blob_head(request, proxy, digest))
+        return web.Response(headers={**headers, "Content-Length": str(size)})
+    # Held against eviction from the moment it is found stored until its last byte is out.
+    hold = request.app[BUDGET].hold(digest)
+    try:
+        if name := hosted(request):
+            size = await request.app[HOSTED].blob_size(name, digest)
+        elif (size := proxy.blob_size(digest)) is not None:
             metrics.CACHE_HITS.inc(1, "blob")
             request[metrics.CACHE_HIT] = True  # its bytes are counted when it is prepared
         else:
-            metrics.CACHE_MISSES.inc(1, "blob")
-            if digest in proxy.fills.active:
-                metrics.COALESCED.inc(1, "blob")
-            fill, fd = proxy.blob_fill(route(request), digest)
-            fill.readers += 1
-            try:
-                return await fill_response(request, fill, fd, headers)
-            finally:
-                fill.readers -= 1
-    if request.method == "HEAD":
-        return web.Response(headers={**headers, "Content-Length": str(size)})
-    return await file_response(request, proxy.store.path(digest), size, headers)
+            hold.release()
+            return await _blob_fill(request, proxy, digest, headers)
+    except BaseException:
+        hold.release()
+        raise
+    return await file_response(request, proxy.store.path(digest), size, headers, hold)
+
+
+async def _blob_fill(request: web.Request, proxy: Proxy, digest: str,
+                     headers: dict[str, str]) -> web.StreamResponse:
+    """A miss: join (or start) the one fill of `digest` and stream it as it arrives."""
+    metrics.CACHE_MISSES.inc(1, "blob")
+    if digest in proxy.fills.active:
+        metrics.COALESCED.inc(1, "blob")
+    fill, fd = proxy.blob_fill(route(request), digest)
+    fill.readers += 1
+    try:
+        return await fill_response(request, fill, fd, headers)
+    finally:
+        fill.readers -= 1
+
+
+async def _blob_head(request: web.Request, proxy: Proxy, digest: str) -> int:
+    """The size of a blob for a HEAD that no hosted repository answers.
+
+    Every client HEADs each blob of a repository before pushing to it. For a name that has
+    nothing cached from its upstream that HEAD is answered from the store alone, so a first
+    push never needs the upstream (offline, unreachable, or Docker Hub's 401 for a
+    repository that does not exist). A pull HEADs blobs only after a manifest, which put
+    the repository in the cache.
+    """
+    if names_upstream(request) or await _cached(request, proxy):
+        return await proxy.blob_head(route(request), digest)
+    size = proxy.blob_size(digest)
+    if size is None:
+        raise BlobUnknown(f"blob {digest} is not stored here")
+    return size
+
+
+async def _cached(request: web.Request, proxy: Proxy) -> bool:
+    """Whether the cache holds content of the request's repository from its upstream."""
+    try:
+        target = route(request)
+    except NameUnknown:  # no default upstream: nothing is cached under this name
+        return False
+    return await proxy.index.has_repository(proxy.catalog_name(target))
 
 
 async def tags_list(request: web.Request) -> web.Response:
     count = _page_size(request)
     if name := hosted(request):
-        tags = request.app[HOSTED].tags(name)
+        tags = await request.app[HOSTED].tags(name)
     else:
         tags = await request.app[PROXY].tags(route(request))
     page, link = _paginate(request, tags, count)
@@ -159,7 +209,8 @@ async def catalog(request: web.Request) -> web.Response:
     if "prefix" in request.match_info:
         request.app[ROUTER].upstream_for_prefix(request.match_info["prefix"])
     count = _page_size(request)
-    names = set(request.app[PROXY].index.repository_names()) | set(request.app[HOSTED].names())
+    cached = await request.app[PROXY].index.repository_names()
+    names = set(cached) | set(request.app[HOSTED].names())
     page, link = _paginate(request, sorted(names), count)
     return _json({"repositories": page}, link)
 
@@ -168,7 +219,7 @@ async def referrers(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
     if name := hosted(request):
-        return _referrers_index(request.app[HOSTED].referrers(name, digest, artifact_type),
+        return _referrers_index(await request.app[HOSTED].referrers(name, digest, artifact_type),
                                 artifact_type)
     try:
         target = route(request)

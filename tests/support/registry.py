@@ -60,6 +60,8 @@ class Registry:
         self.tokens = tokens
         self.binary = binary
         self.storage = self.directory / "storage"
+        # The token server grants pull only on repositories that exist here (as Docker Hub).
+        tokens.repositories = self.storage / "docker/registry/v2/repositories"
         self.config_path = self.directory / "config.yml"
         self.log_path = self.directory / "registry.log"
         self.port = 0

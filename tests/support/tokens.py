@@ -2,12 +2,20 @@
 
 It owns the signing identity (an ECDSA P-256 key and a self-signed CA certificate written
 to `cert_path` for the registry's `auth.token.rootcertbundle`), the access policy
-(anonymous: pull everywhere but `private/`; `reader`/`readpass`: pull everywhere;
-`admin`/`secret`: pull, push and delete everywhere) and a log of every token request so
-tests can assert how often and for what the mirror asked. `GET /token?service=&scope=`
-answers `{"token", "access_token", "expires_in", "issued_at"}` like the real thing; a
-wrong password is a 401. `mint()` signs a token in-process, for seeding, without HTTP and
-without being counted.
+(anonymous: pull on every repository that exists but `private/`; `reader`/`readpass`: pull
+on every repository that exists; `admin`/`secret`: pull, push and delete everywhere, so it
+can create repositories) and a log of every token request so tests can assert how often and
+for what the mirror asked.
+
+Like Docker Hub's auth.docker.io, it grants no action at all on a repository that does not
+exist, to anyone but its owner (admin): the registry then answers 401 UNAUTHORIZED, never
+404, and Docker prints "pull access denied ... repository does not exist or may require
+docker login". A repository exists once the registry holds a manifest directory for it
+(`repositories`, which the `Registry` this server signs for points at its storage).
+
+`GET /token?service=&scope=` answers `{"token", "access_token", "expires_in", "issued_at"}`
+like the real thing; a wrong password is a 401. `mint()` signs a token in-process, for
+seeding, without HTTP and without being counted.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 import secrets
 import threading
 import time
@@ -33,11 +42,18 @@ from .serverthread import ServerThread
 USERS = {"admin": "secret", "reader": "readpass"}
 
 
-def allowed_actions(username: str | None, type_: str, name: str) -> set[str]:
+# The distribution-spec name grammar: anything else names no repository (and no path).
+COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAME = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")
+
+
+def allowed_actions(username: str | None, type_: str, name: str, exists: bool = True) -> set[str]:
     """The policy: which actions `username` (None = anonymous) may have on a resource."""
     if type_ == "repository":
         if username == "admin":
             return {"pull", "push", "delete", "*"}
+        if not exists:
+            return set()  # Docker Hub: a missing repository is 401 for everyone, never 404
         if username == "reader":
             return {"pull"}
         return set() if name.startswith("private/") else {"pull"}
@@ -76,6 +92,8 @@ class TokenServer:
         self._x5c = [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()]
         self.cert_path = Path(directory) / "token-ca.pem"
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        # The registry's repositories directory; until a Registry sets it, nothing exists.
+        self.repositories: Path | None = None
 
     @staticmethod
     def _make_identity() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -125,12 +143,19 @@ class TokenServer:
 
     # -- issuing -------------------------------------------------------------------------
 
+    def exists(self, name: str) -> bool:
+        """Whether the registry holds repository `name` (Distribution's filesystem layout)."""
+        if self.repositories is None or not NAME.fullmatch(name):
+            return False
+        return (self.repositories / name / "_manifests").is_dir()
+
     def mint(self, username: str | None, scopes: list[str]) -> str:
         """A signed JWT granting `username` what the policy allows of `scopes`."""
         access = []
         for scope in scopes:
             type_, name, wanted = parse_scope(scope)
-            allowed = allowed_actions(username, type_, name)
+            allowed = allowed_actions(username, type_, name,
+                                      exists=type_ != "repository" or self.exists(name))
             # Like Docker Hub, a denied scope still appears, with no actions: the registry
             # then answers 401/403 itself, which is the behaviour clients must handle.
             access.append({"type": type_, "name": name,
