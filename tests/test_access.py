@@ -1,5 +1,8 @@
 """Who may do what: htpasswd logins challenged with Basic, pull and push policy, read-only,
-and the seed workflow over HTTPS with a CA made by `mirror tls init`."""
+the empty credentials containers/image sends, and the seed workflow over HTTPS with a CA
+made by `mirror tls init`. More in test_access_logins.py (htpasswd formats, rate limits,
+the password-check threads), test_access_push.py (who may push without logins) and
+test_access_parsers.py (property tests)."""
 
 import asyncio
 import base64
@@ -7,14 +10,20 @@ import json
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from mirror import config as cfg
-from mirror.api.access import add_user
+from mirror.api.htpasswd import add_user
+from mirror.app import make_app
 from mirror.ops.certs import make_ca_and_server_cert
+from tests.conftest import mirror_config
+from tests.test_clients_podman import assert_same, dead, pull, registries_conf
 
 ALICE = "Basic " + base64.b64encode(b"alice:wonder").decode()  # may push
 BOB = "Basic " + base64.b64encode(b"bob:builder").decode()     # may only pull
 WRONG = "Basic " + base64.b64encode(b"alice:nope").decode()
+EMPTY = "Basic Og=="  # base64(":"): podman, CRI-O, skopeo and buildah without credentials
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +123,63 @@ async def test_seed_workflow_over_https_with_basic_auth(start_mirror, upstream, 
         async with http.get(f"{mirror.url}/v2/_catalog", ssl=context,
                             headers={"Authorization": BOB}) as resp:
             assert (await resp.json())["repositories"] == ["newhello"]
+
+
+async def test_empty_basic_credentials_are_answered_as_no_header(start_mirror, http, upstream,
+                                                                 htpasswd):
+    mirror = await start_mirror(access=cfg.Access(htpasswd=htpasswd))
+    app = upstream.images["team/app"]
+    for auth in (None, EMPTY):
+        status, headers, body = await request(http, "GET", f"{mirror.url}/v2/", auth)
+        assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="mirror"'
+        assert b"log in to pull" in body  # the ping's challenge, not "wrong user name"
+        status, _, body = await request(http, "GET", f"{mirror.url}/v2/team/app/manifests/2.0",
+                                        auth)
+        assert (status, body) == (200, app.manifest)
+        for digest, data in app.blobs.items():
+            status, _, body = await request(http, "GET", f"{mirror.url}/v2/team/app/blobs/{digest}",
+                                            auth)
+            assert (status, body) == (200, data)
+        status, _, body = await request(http, "POST", f"{mirror.url}/v2/mine/blobs/uploads/", auth)
+        assert status == 401 and b"log in to push" in body
+    assert not (mirror.root / "uploads").exists() or not any((mirror.root / "uploads").iterdir())
+
+
+@pytest.fixture
+async def recorded_mirror(tmp_path, upstream):
+    """Start a mirror and keep (path, status, Authorization) of every answer it sends."""
+    servers = []
+
+    async def start(**overrides):
+        app = make_app(mirror_config(tmp_path / "data", upstream.url, **overrides))
+        seen: list[tuple[str, int, str | None]] = []
+
+        async def note(request: web.Request, response: web.StreamResponse) -> None:
+            seen.append((request.path, response.status, request.headers.get("Authorization")))
+
+        app.on_response_prepare.append(note)
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+        servers.append(server)
+        return f"127.0.0.1:{server.port}", seen
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+async def test_skopeo_pulls_anonymously_from_a_mirror_with_logins(recorded_mirror, upstream,
+                                                                  htpasswd, tmp_path):
+    """containers/image answers the Basic challenge of the ping with `Basic Og==` when it
+    has no credentials; a mirror that took that for a wrong login (401) failed the pull."""
+    alpine = upstream.images["library/alpine"]
+    host, seen = await recorded_mirror(access=cfg.Access(htpasswd=htpasswd, anonymous_pull=True))
+    conf = registries_conf(tmp_path / "registries.conf", ("docker.io", dead(), f"{host}/hub", ""))
+
+    got = await pull(conf, "docker.io/library/alpine:3.19", tmp_path / "pulled")
+    assert_same(got, alpine)  # manifest and every blob, byte for byte
+    assert ("/v2/", 401, None) in seen  # the ping is challenged ...
+    answered = {(path, status) for path, status, auth in seen if auth == EMPTY}
+    assert ("/v2/hub/library/alpine/manifests/3.19", 200) in answered  # ... then Og== pulls
+    for digest in alpine.blobs:
+        assert (f"/v2/hub/library/alpine/blobs/{digest}", 200) in answered
