@@ -111,7 +111,7 @@ class Limits:
     # Blob bodies streaming from upstreams at once, over all upstreams; a slot covers only
     # connecting and the response headers, so manifests never wait behind layers.
     upstream_bodies: int = 64
-    # Ranges in one multi-range request (more are refused with 416); overlapping ones merge.
+    # Ranges in one multi-range request; with more, the whole blob is sent (200), never 416.
     max_ranges: int = 16
     # Client connections: the longest request line and header field, and how long a client
     # may take to send its headers or keep an idle connection open.
@@ -133,6 +133,23 @@ class Upstream:
     tag_ttl: float = 300.0
     # Docker Hub keeps official images under library/; None means "yes for docker.io".
     library: bool | None = None
+    # Token realms on other hosts that may receive the credentials ("auth.docker.io", or
+    # "host:port"). Without this, credentials go only to the url's own scheme, host and
+    # port; Docker Hub's url gets ("auth.docker.io",) unless the key is set.
+    realm_hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Here and not only in load(): a Config built in code must not carry a secret into
+        # the startup line or the status page either.
+        try:
+            parts = urlsplit(self.url) if isinstance(self.url, str) else None
+        except ValueError:
+            parts = None  # unparsable: _check says so, naming the key
+        if parts is not None and (parts.username is not None or parts.password is not None):
+            raise ConfigError(
+                f"upstream {self.name}: url must not contain credentials (user:password@); "
+                f"set username and password (or password_file, or the environment variable "
+                f"MIRROR_UPSTREAM_{_env_name(self.name)}_PASSWORD) instead")
 
     @property
     def adds_library(self) -> bool:
@@ -153,7 +170,8 @@ class Upstream:
 
 DEFAULT_UPSTREAMS = (
     Upstream("docker.io", "https://registry-1.docker.io", default=True,
-             aliases=("hub", "index.docker.io", "registry-1.docker.io")),
+             aliases=("hub", "index.docker.io", "registry-1.docker.io"),
+             realm_hosts=("auth.docker.io",)),
     Upstream("quay.io", "https://quay.io"),
     Upstream("ghcr.io", "https://ghcr.io"),
     Upstream("registry.k8s.io", "https://registry.k8s.io", aliases=("k8s.gcr.io",)),
@@ -174,6 +192,14 @@ class Config:
     def default_upstream(self) -> Upstream | None:
         return next((u for u in self.upstreams if u.default), None)
 
+
+# Docker Hub's registry hands out tokens from another host: its realm_hosts default, so a
+# docker.io table written by hand still logs in where it should.
+KNOWN_REALM_HOSTS = {"registry-1.docker.io": ("auth.docker.io",),
+                     "index.docker.io": ("auth.docker.io",)}
+# Keys whose values are never repeated in an error message.
+SECRET_KEYS = {"username", "password", "password_file"}
+REALM_HOST = re.compile(r"(?:[a-z0-9]+(?:[.-][a-z0-9]+)*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 
 # An upstream name is a registry host (optionally with a port): it is the `ns=` value
 # containerd sends and, without a port, a path prefix.
@@ -222,6 +248,12 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         if not isinstance(values.get("name"), str):
             raise ConfigError(f"{where}.name is required")
         values.update(_env_upstream(environ, values["name"]))
+        if "realm_hosts" not in values and isinstance(values.get("url"), str):
+            try:
+                host = urlsplit(values["url"]).hostname or ""
+            except ValueError:  # _check names the key
+                host = ""
+            values["realm_hosts"] = KNOWN_REALM_HOSTS.get(host, ())
         built.append(_build(Upstream, values, where))
     config = Config(upstreams=tuple(built), **sections)
     _check_environment(environ, config)
@@ -250,8 +282,13 @@ def _env_section(environ: Mapping[str, str], section: str, cls: type) -> dict[st
     return _env_keys(environ, f"MIRROR_{section.upper()}_", cls)
 
 
+def _env_name(name: str) -> str:
+    """An upstream's name as its environment variables spell it: docker.io -> DOCKER_IO."""
+    return re.sub(r"[^A-Za-z0-9]", "_", str(name)).upper()
+
+
 def _env_upstream(environ: Mapping[str, str], name: str) -> dict[str, str]:
-    prefix = "MIRROR_UPSTREAM_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper() + "_"
+    prefix = "MIRROR_UPSTREAM_" + _env_name(name) + "_"
     return _env_keys(environ, prefix, Upstream, exclude="name")
 
 
@@ -280,10 +317,15 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from e
+    except ConfigError as e:  # from a __post_init__ check: say where it is
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _convert(value: Any, type_: str, key: str) -> Any:
     """Coerce a TOML value or an environment string to the field's declared type."""
+    if key.rpartition(".")[2] in SECRET_KEYS and not isinstance(value, str):
+        # The value may be the secret itself, mistyped (a numeric password unquoted).
+        raise ConfigError(f"{key} must be a string (in quotes); its value is not shown")
     if type_ == "bool" or type_ == "bool | None":
         if isinstance(value, bool):
             return value
@@ -330,7 +372,10 @@ def _size(value: Any, key: str) -> int:
         size = value
     elif isinstance(value, str) and (m := SIZE.fullmatch(value)):
         unit = m.group(2).lower() if m.group(2) else None
-        size = int(float(m.group(1)) * SIZE_UNITS[unit])
+        try:
+            size = int(float(m.group(1)) * SIZE_UNITS[unit])
+        except OverflowError:  # so many digits that the float is infinite
+            raise ConfigError(f"{key} is too large") from None
     else:
         raise ConfigError(f"{key} must be a size like \"200GiB\" or a number of bytes")
     if size < 1:
@@ -390,10 +435,28 @@ def _check(config: Config) -> None:
             if prefix in seen:
                 raise ConfigError(f"{where}: {prefix!r} is already used by upstream {seen[prefix]}")
             seen[prefix] = up.name
-        parts = urlsplit(up.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{where}.url must be an http:// or https:// URL, not {up.url!r}")
+        try:
+            parts = urlsplit(up.url)
+            hostname, _ = parts.hostname, parts.port
+        except ValueError:  # an unclosed [ in an IPv6 host, a port past 65535
+            parts, hostname = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not hostname:
+            raise ConfigError(f"{where}.url must be an http:// or https:// URL, "
+                              f"not {_without_userinfo(up.url)!r}")
+        for entry in up.realm_hosts:
+            if not REALM_HOST.fullmatch(entry):
+                raise ConfigError(f"{where}.realm_hosts: {entry!r} is not a host name or "
+                                  "host:port (lower case, no scheme, like auth.docker.io)")
         if up.password is not None and up.password_file is not None:
             raise ConfigError(f"{where}: set password or password_file, not both")
     if sum(u.default for u in config.upstreams) > 1:
         raise ConfigError("only one upstream may have default = true")
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` with anything before an @ in its authority cut out, for error messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"

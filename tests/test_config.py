@@ -1,6 +1,8 @@
 """Config: embedded defaults, TOML keys as documented, MIRROR_* overrides, errors naming keys."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mirror import config as cfg
 
@@ -90,3 +92,137 @@ def test_bad_config_names_the_key(tmp_path, text, environ, named):
     with pytest.raises(cfg.ConfigError, match=None) as caught:
         cfg.load(write(tmp_path, text), environ=environ)
     assert named in str(caught.value)
+
+
+# -- secrets never shown ---------------------------------------------------------------
+
+@pytest.mark.parametrize("url", ["http://user:s3cr3tpw@registry.example",
+                                 "https://user@registry.example",
+                                 "https://:s3cr3tpw@registry.example:5000/v2"])
+def test_credentials_in_an_upstream_url_are_refused_without_echoing_them(tmp_path, url):
+    path = write(tmp_path, f'[[upstreams]]\nname = "docker.io"\nurl = "{url}"\n')
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.load(path, environ={})
+    message = str(caught.value)
+    assert "upstreams[0]" in message and "username and password" in message
+    assert "MIRROR_UPSTREAM_DOCKER_IO_PASSWORD" in message
+    assert "s3cr3tpw" not in message and "user@" not in message
+
+
+def test_credentials_in_an_upstream_url_from_the_environment_are_refused(tmp_path):
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.load(None, environ={"MIRROR_UPSTREAM_QUAY_IO_URL": "https://bot:s3cr3tpw@quay.io"})
+    assert "username and password" in str(caught.value)
+    assert "s3cr3tpw" not in str(caught.value)
+
+
+def test_an_upstream_built_in_code_cannot_carry_credentials_in_its_url():
+    # The startup line and the status page print the url: it must never hold a secret.
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.Upstream("docker.io", "http://user:s3cr3tpw@127.0.0.1:1")
+    assert "s3cr3tpw" not in str(caught.value)
+
+
+def test_an_at_sign_outside_the_authority_is_not_userinfo():
+    up = cfg.Upstream("x.io", "https://registry.example/v2/a@b")
+    assert up.url == "https://registry.example/v2/a@b"
+
+
+def test_a_numeric_password_is_refused_without_being_shown(tmp_path):
+    path = write(tmp_path, '[[upstreams]]\nname = "docker.io"\nurl = "https://r.example"\n'
+                           'password = 31337424242\n')
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.load(path, environ={})
+    assert "upstreams[0].password" in str(caught.value)
+    assert "31337424242" not in str(caught.value)
+
+
+def test_a_bad_url_is_shown_without_its_userinfo(tmp_path):
+    path = write(tmp_path, '[[upstreams]]\nname = "q.io"\nurl = "ftp://registry.example"\n')
+    with pytest.raises(cfg.ConfigError, match="ftp://registry.example"):
+        cfg.load(path, environ={})
+    assert cfg._without_userinfo("ftp://u:s3cr3tpw@h/p@q") == "ftp://h/p@q"
+
+
+def toml_value(value) -> str:
+    """Just enough TOML for the values below (tomllib reads, it does not write)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    return "{" + ", ".join(f'{k} = "{v}"' for k, v in value.items()) + "}"
+
+
+# A value distinctive enough that finding it in a message can only mean it was echoed.
+MARK = "Zq7"
+secret_values = st.one_of(
+    st.integers(min_value=10**9, max_value=10**18),
+    st.floats(min_value=1e9, max_value=1e18, allow_nan=False),
+    st.booleans(),
+    st.lists(st.text(alphabet="abcxyz", min_size=4, max_size=8).map(lambda t: MARK + t),
+             min_size=1, max_size=3),
+    st.dictionaries(st.sampled_from(["k", "v"]),
+                    st.text(alphabet="abcxyz", min_size=4, max_size=8).map(lambda t: MARK + t),
+                    min_size=1),
+)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["username", "password", "password_file"]), value=secret_values)
+def test_no_config_error_echoes_a_credential_value(tmp_path, key, value):
+    path = write(tmp_path, '[[upstreams]]\nname = "q.io"\nurl = "https://q.example"\n'
+                           f"{key} = {toml_value(value)}\n")
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.load(str(path), environ={})
+    message = str(caught.value)
+    assert f"upstreams[0].{key}" in message
+    shown = [str(value), repr(value)] + ([str(v) for v in value] if isinstance(value, list)
+                                         else [str(v) for v in value.values()]
+                                         if isinstance(value, dict) else [])
+    assert not any(s in message for s in shown if s not in ("True", "False")), message
+    assert "True" not in message and "False" not in message
+
+
+# -- realm_hosts -----------------------------------------------------------------------
+
+def test_docker_hubs_token_host_is_a_realm_host_by_default(tmp_path):
+    (hub,) = [u for u in cfg.load(None, environ={}).upstreams if u.name == "docker.io"]
+    assert hub.realm_hosts == ("auth.docker.io",)
+    # A docker.io table written by hand (as in conf/mirror.toml) still logs in there...
+    path = write(tmp_path, '[[upstreams]]\nname = "docker.io"\n'
+                           'url = "https://registry-1.docker.io"\ndefault = true\n'
+                           '[[upstreams]]\nname = "quay.io"\nurl = "https://quay.io"\n')
+    hub, quay = cfg.load(path, environ={}).upstreams
+    assert hub.realm_hosts == ("auth.docker.io",) and quay.realm_hosts == ()
+    # ...unless it says otherwise.
+    path = write(tmp_path, '[[upstreams]]\nname = "docker.io"\n'
+                           'url = "https://registry-1.docker.io"\nrealm_hosts = []\n')
+    assert cfg.load(path, environ={}).upstreams[0].realm_hosts == ()
+
+
+def test_realm_hosts_from_file_and_environment(tmp_path):
+    path = write(tmp_path, '[[upstreams]]\nname = "r.example"\nurl = "https://r.example"\n'
+                           'realm_hosts = ["auth.r.example", "127.0.0.1:5001"]\n')
+    assert cfg.load(path, environ={}).upstreams[0].realm_hosts == (
+        "auth.r.example", "127.0.0.1:5001")
+    config = cfg.load(path, environ={"MIRROR_UPSTREAM_R_EXAMPLE_REALM_HOSTS": "a.example"})
+    assert config.upstreams[0].realm_hosts == ("a.example",)
+
+
+@pytest.mark.parametrize("entry", ["https://auth.docker.io", "auth.docker.io/token",
+                                   "Auth.Docker.io", "*.docker.io", "host:port"])
+def test_a_realm_host_must_be_a_plain_host(tmp_path, entry):
+    path = write(tmp_path, '[[upstreams]]\nname = "r.example"\nurl = "https://r.example"\n'
+                           f'realm_hosts = ["{entry}"]\n')
+    with pytest.raises(cfg.ConfigError, match=r"upstreams\[0\]\.realm_hosts"):
+        cfg.load(path, environ={})
+
+
+@pytest.mark.parametrize("url", ["http://[bad", "https://registry.example:99999"])
+def test_an_unreadable_url_is_a_config_error_naming_the_key(tmp_path, url):
+    path = write(tmp_path, f'[[upstreams]]\nname = "docker.io"\nurl = "{url}"\n')
+    with pytest.raises(cfg.ConfigError, match=r"upstreams\[0\]\.url"):
+        cfg.load(path, environ={})

@@ -71,7 +71,8 @@ async def test_upstream_concurrency_is_bounded_and_the_rest_queues(start_mirror,
     images = [upstream.push_image(f"test/bounded{i}", "v", seed=f"bounded{i}") for i in range(5)]
     digests = [image.layer_digests[0] for image in images]
     names = [image.name for image in images]
-    upstream.proxy.stall(after=0, match="/blobs/", method="GET")
+    # Held before the headers: a request slot covers connecting and the headers only.
+    upstream.proxy.hold(match="/blobs/", method="GET")
 
     async def get(name, digest):
         async with http.get(f"{mirror.url}/v2/{name}/blobs/{digest}") as resp:
@@ -91,7 +92,8 @@ async def test_upstream_concurrency_is_bounded_and_the_rest_queues(start_mirror,
 async def test_global_limit_bounds_requests_over_all_upstreams(start_mirror, http, upstream):
     mirror = await start_mirror(limits={"upstream_requests": 2})
     images = [upstream.push_image(f"test/global{i}", "v", seed=f"global{i}") for i in range(4)]
-    upstream.proxy.stall(after=0, match="/blobs/", method="GET")
+    # Held before the headers: a request slot covers connecting and the headers only.
+    upstream.proxy.hold(match="/blobs/", method="GET")
 
     async def get(prefix, image):
         url = f"{mirror.url}/v2/{prefix}{image.name}/blobs/{image.layer_digests[0]}"

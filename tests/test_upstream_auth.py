@@ -2,9 +2,18 @@
 
 import json
 
+from yarl import URL
+
 from tests.conftest import fetched
 
 ACCEPT = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+
+
+def token_host(upstream) -> str:
+    """The test token server as a realm_hosts entry: it listens on another port than the
+    registry, so it gets the credentials only when listed (as auth.docker.io is for Hub)."""
+    realm = URL(upstream.token_url)
+    return f"{realm.host}:{realm.port}"
 
 
 async def get(http, url):
@@ -17,7 +26,7 @@ async def test_token_is_fetched_once_and_reused_across_requests(mirror, http, up
     await get(http, f"{mirror.url}/v2/alpine/manifests/3.19")
     for digest in alpine.blobs:
         status, body = await get(http, f"{mirror.url}/v2/alpine/blobs/{digest}")
-        assert body == alpine.blobs[digest]
+        assert (status, body) == (200, alpine.blobs[digest])
     scopes = [r for r in upstream.tokens.requests]
     assert len(scopes) == 1, scopes
     # Only the very first request met a 401; the rest carried the cached token.
@@ -54,7 +63,7 @@ async def test_private_repository_needs_the_configured_credentials(start_mirror,
     from mirror import config as cfg
     authed = await start_mirror(root=tmp_path / "authed", upstreams=(
         cfg.Upstream("docker.io", upstream.url, default=True, username="reader",
-                     password="readpass"),))
+                     password="readpass", realm_hosts=(token_host(upstream),)),))
     status, body = await get(http, f"{authed.url}/v2/private/secret/manifests/1")
     assert (status, body) == (200, secret.manifest)
     assert [r["username"] for r in upstream.tokens.requests][-1] == "reader"
@@ -70,7 +79,7 @@ async def test_wrong_credentials_are_denied_with_a_message(start_mirror, http, u
     from mirror import config as cfg
     mirror = await start_mirror(upstreams=(
         cfg.Upstream("docker.io", upstream.url, default=True, username="reader",
-                     password="wrong"),))
+                     password="wrong", realm_hosts=(token_host(upstream),)),))
     status, body = await get(http, f"{mirror.url}/v2/team/app/manifests/2.0")
     assert status == 403
     assert b"check its username and password" in body

@@ -2,11 +2,15 @@
 
 Every request to an upstream goes through `Upstream.open`, which
 - asks `auth.Authenticator` for a token up front and retries once on a 401 with a fresh one;
+  only a 401 from the upstream's own origin is answered (a CDN's own 401 teaches nothing);
 - follows redirects by hand (Docker Hub and GHCR send blobs to a CDN with 307) keeping the
-  Location byte-exact and dropping the upstream's Authorization on any other origin;
+  Location byte-exact, dropping the Authorization on any other origin, and going only where
+  `destinations.Destinations` allows (http/https, no private or metadata addresses);
 - never decompresses (`Accept-Encoding: identity`): bytes are hashed exactly as sent;
-- waits for a slot under the global and the per-upstream limit of in-flight requests, and
-  holds new requests while a 429's Retry-After runs, instead of hammering a rate limit;
+- holds a request slot (`slots.py`) only while connecting and waiting for the headers; a
+  blob body holds a body permit instead, so manifests never queue behind layers; waiting
+  for either has a deadline (503 with Retry-After), and a 429's Retry-After is sat out
+  before anything is taken (or answered at once with 429, when it is too long to wait);
 - turns every failure into a RegistryError: 404 → the caller's *_UNKNOWN, 401/403 → DENIED,
   429 → TOOMANYREQUESTS with Retry-After, 5xx / connection errors / timeouts → UNAVAILABLE.
 No aiohttp exception escapes this module.
@@ -17,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -30,6 +34,8 @@ from .. import metrics
 from ..errors import BlobUnknown, BodyBroken, Denied, RegistryError, TooManyRequests, Unavailable
 from ..storage.memory import Memory
 from .auth import Authenticator, parse_challenges
+from .destinations import Destinations, same_origin
+from .slots import Held, Shared, retry_after, take
 
 log = logging.getLogger("mirror")
 
@@ -69,12 +75,12 @@ class Answer:
 
 class Upstream:
     def __init__(self, config: cfg.Upstream, limits: cfg.Limits, session: aiohttp.ClientSession,
-                 memory: Memory, global_slots: asyncio.Semaphore):
+                 memory: Memory, shared: Shared):
         self.config = config
         self.name = config.name
         self.base = URL(config.url.rstrip("/"))
         self.session = session
-        self._global = global_slots
+        self._shared = shared
         self._slots = asyncio.Semaphore(limits.upstream_requests_per_upstream)
         self._small = aiohttp.ClientTimeout(total=limits.request_timeout,
                                             connect=limits.connect_timeout)
@@ -82,7 +88,8 @@ class Upstream:
         self._stream = aiohttp.ClientTimeout(total=None, connect=limits.connect_timeout,
                                              sock_connect=limits.connect_timeout,
                                              sock_read=limits.stall_timeout)
-        self.auth = Authenticator(config, session, memory, self._small)
+        self.destinations = Destinations(self.name, self.base)
+        self.auth = Authenticator(config, session, memory, self._small, self.destinations)
         self.paused_until = 0.0
         self.last_error: str | None = None
         self.last_ok: float | None = None  # wall-clock time of the last successful answer
@@ -92,23 +99,30 @@ class Upstream:
                    accept: list[str] = (), stream: bool = False, headers: dict | None = None
                    ) -> AsyncIterator[aiohttp.ClientResponse]:
         """Send one request for repository `name`; yield the successful response."""
-        # Per-upstream slot first: a busy upstream must not sit on global slots others need.
-        async with self._slots, self._global:
-            if (pause := self.paused_until - time.monotonic()) > 0:
-                log.info("upstream %s asked to slow down; waiting %.1fs", self.name, pause)
-                await asyncio.sleep(pause)
+        async with self._open(method, path, name, not_found, accept, stream, headers or {},
+                              self._deadline(), Held()) as resp:
+            yield resp
+
+    @asynccontextmanager
+    async def _open(self, method: str, path: str, name: str, not_found: type[RegistryError],
+                    accept: list[str], stream: bool, headers: dict, deadline: float,
+                    held: Held) -> AsyncIterator[aiohttp.ClientResponse]:
+        await self._admit(held, deadline)
+        try:
             metrics.upstream_request(self.name, name, path)
             try:
-                resp = await self._send(method, path, name, accept, stream, headers or {})
+                resp = await self._send(method, path, name, accept, stream, headers)
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
                 metrics.UPSTREAM_ERRORS.inc(1, self.name)
                 self.last_error = f"{e.__class__.__name__} {e}"
                 raise Unavailable(f"upstream {self.name} is unreachable: {self.last_error}") from e
-            try:
-                self._check(resp, name, not_found)
-                yield resp
-            finally:
-                resp.release()
+        finally:
+            held.release()  # the headers are here (or never will be): the slot is free
+        try:
+            self._check(resp, name, not_found)
+            yield resp
+        finally:
+            resp.release()
 
     async def fetch(self, method: str, path: str, *, name: str, not_found: type[RegistryError],
                     accept: list[str] = (), limit: int = 4 << 20) -> Answer:
@@ -129,15 +143,66 @@ class Upstream:
 
     @asynccontextmanager
     async def blob(self, name: str, digest: str, start: int = 0) -> AsyncIterator[Body]:
-        """Stream a blob; from byte `start` on when the upstream honours a Range."""
+        """Stream a blob; from byte `start` on when the upstream honours a Range.
+
+        The body permit is taken first and kept until the body is read: a blob waiting for
+        a permit must not sit on a request slot that manifests need meanwhile.
+        """
         headers = {"Range": f"bytes={start}-"} if start else {}
-        async with self.open("GET", f"/v2/{name}/blobs/{digest}", name=name,
-                             not_found=BlobUnknown, stream=True, headers=headers) as resp:
-            if resp.status == 206:
-                first, total = _content_range(resp.headers.get("Content-Range", ""))
-                yield Body(first, total, resp, self.name)
-            else:
-                yield Body(0, resp.content_length, resp, self.name)
+        deadline = self._deadline()
+        while True:  # a 429 pause is sat out holding nothing, not even a body permit
+            await self._sit_out_pause(deadline)
+            await take(self._shared.bodies, deadline, "every upstream body permit "
+                       "(limits.upstream_bodies)", self._shared.timeout)
+            if self.paused_until <= time.monotonic():
+                break
+            self._shared.bodies.release()
+        try:
+            async with self._open("GET", f"/v2/{name}/blobs/{digest}", name, BlobUnknown,
+                                  [], True, headers, deadline, Held()) as resp:
+                if resp.status == 206:
+                    first, total = _content_range(resp.headers.get("Content-Range", ""))
+                    yield Body(first, total, resp, self.name)
+                else:
+                    yield Body(0, resp.content_length, resp, self.name)
+        finally:
+            self._shared.bodies.release()
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self._shared.timeout
+
+    async def _admit(self, held: Held, deadline: float) -> None:
+        """Take this upstream's request slot, then a global one, after any 429 pause.
+
+        Per-upstream first: a busy upstream must not sit on global slots others need. If a
+        429 arrived while we waited, give both back and sit out the pause holding nothing.
+        """
+        timeout = self._shared.timeout
+        while True:
+            await self._sit_out_pause(deadline)
+            await take(self._slots, deadline, f"every request slot for upstream {self.name} "
+                       "(limits.upstream_requests_per_upstream)", timeout)
+            held.add(self._slots)
+            try:
+                await take(self._shared.requests, deadline, "every upstream request slot "
+                           "(limits.upstream_requests)", timeout)
+            except BaseException:
+                held.release()
+                raise
+            held.add(self._shared.requests)
+            if self.paused_until <= time.monotonic():
+                return
+            held.release()
+
+    async def _sit_out_pause(self, deadline: float) -> None:
+        """Wait for a 429's Retry-After to run out; 429 at once if it outlasts the deadline."""
+        while (pause := self.paused_until - time.monotonic()) > 0:
+            if time.monotonic() + pause > deadline:
+                raise TooManyRequests(
+                    f"upstream {self.name} is rate limiting this mirror for {pause:.0f}s more",
+                    headers={"Retry-After": retry_after(pause)})
+            log.info("upstream %s asked to slow down; waiting %.1fs", self.name, pause)
+            await asyncio.sleep(pause)
 
     async def _send(self, method: str, path: str, name: str, accept: list[str],
                     stream: bool, extra: dict[str, str]) -> aiohttp.ClientResponse:
@@ -150,8 +215,10 @@ class Upstream:
             headers["Authorization"] = authorization
         url = URL(str(self.base) + path, encoded=True)
         timeout = self._stream if stream else self._small
-        resp = await self._follow(method, url, headers, timeout)
-        if resp.status == 401:
+        resp, where = await self._follow(method, url, headers, timeout)
+        # Only the upstream's own 401 is a challenge; a CDN's is that CDN's business, and
+        # learning its realm would send the upstream's tokens (or credentials) there.
+        if resp.status == 401 and self._home(where):
             challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
             resp.release()
             authorization = await self.auth.answer(challenges, scope,
@@ -159,26 +226,57 @@ class Upstream:
             if authorization is None:
                 return resp
             headers["Authorization"] = authorization
-            resp = await self._follow(method, url, headers, timeout)
+            resp, where = await self._follow(method, url, headers, timeout)
+        if resp.status in (401, 403) and not self._home(where):
+            resp.release()
+            raise Unavailable(f"upstream {self.name} redirected {path} to "
+                              f"{where.scheme}://{where.host}, which refused it with "
+                              f"{resp.status}")
         return resp
 
+    def _home(self, url: URL) -> bool:
+        """Whether `url` is on the upstream's own origin: scheme, host and port."""
+        return same_origin(url, self.base)
+
     async def _follow(self, method: str, url: URL, headers: CIMultiDict,
-                      timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+                      timeout: aiohttp.ClientTimeout) -> tuple[aiohttp.ClientResponse, URL]:
+        """The response at the end of the redirects, and the URL that answered it."""
         for _ in range(MAX_REDIRECTS + 1):
-            resp = await self.session.request(method, url, headers=headers, timeout=timeout,
-                                              allow_redirects=False)
+            resp = await self._request(method, url, headers, timeout)
             location = resp.headers.get("Location")
             if resp.status not in REDIRECTS or location is None:
-                return resp
+                return resp, url
             resp.release()
-            # Byte-exact: a CDN's signed URL breaks if its query is re-quoted.
-            url = url.join(URL(location, encoded=True))
-            if url.origin() != self.base.origin() and "Authorization" in headers:
+            try:
+                # Byte-exact: a CDN's signed URL breaks if its query is re-quoted.
+                url = url.join(URL(location, encoded=True))
+            except ValueError:
+                raise Unavailable(f"upstream {self.name} sent an unreadable redirect "
+                                  f"Location") from None
+            if not self._home(url) and "Authorization" in headers:
                 headers = headers.copy()
                 del headers["Authorization"]
             if resp.status == 303:
                 method = "GET"
         raise Unavailable(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
+
+    async def _request(self, method: str, url: URL, headers: CIMultiDict,
+                       timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        """One request to a destination the policy checked, trying its addresses in turn."""
+        targets = await self.destinations.targets(url)
+        for i, target in enumerate(targets):
+            sent = headers
+            if target.host is not None:
+                sent = headers.copy()
+                sent["Host"] = target.host
+            try:
+                return await self.session.request(method, target.url, headers=sent,
+                                                  timeout=timeout, allow_redirects=False,
+                                                  **target.request_options())
+            except aiohttp.ClientConnectorError:
+                if i + 1 == len(targets):
+                    raise
+        raise AssertionError("targets() returns at least one target")
 
     def _check(self, resp: aiohttp.ClientResponse, name: str,
                not_found: type[RegistryError]) -> None:
@@ -192,14 +290,17 @@ class Upstream:
             raise Denied(f"upstream {self.name} refused access to {name}; if it is private, "
                          f"set username and password for upstream {self.name}")
         if status == 429:
-            retry_after = resp.headers.get("Retry-After", "")
-            delay = float(retry_after) if retry_after.isdigit() else 1.0
+            value = resp.headers.get("Retry-After", "")
+            delay = float(value) if value.isdigit() else 1.0
             self.paused_until = time.monotonic() + min(delay, 300.0)
             self.last_error = "429 Too Many Requests"
             metrics.UPSTREAM_RATE_LIMITED.inc(1, self.name)
             metrics.UPSTREAM_ERRORS.inc(1, self.name)
             raise TooManyRequests(f"upstream {self.name} is rate limiting this mirror",
-                                  headers={"Retry-After": retry_after or "1"})
+                                  headers={"Retry-After": value or "1"})
+        if status in REDIRECTS:
+            raise Unavailable(f"upstream {self.name} answered {status} for {name} "
+                              "without a Location")
         self.last_error = f"HTTP {status}"
         metrics.UPSTREAM_ERRORS.inc(1, self.name)
         raise Unavailable(f"upstream {self.name} answered {status} for {name}")

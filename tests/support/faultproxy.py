@@ -33,7 +33,7 @@ CHUNK = 64 * 1024
 
 @dataclass
 class Fault:
-    kind: str                    # cut | corrupt | stall | status | delay | throttle
+    kind: str                    # cut | corrupt | stall | hold | status | delay | throttle
     match: str = ""              # substring of the request's path+query; "" matches all
     method: str | None = None    # only this method, if set
     times: int | None = None     # apply to the next N matching requests; None: to all
@@ -161,6 +161,12 @@ class FaultProxy:
         client hangs up, or the proxy stops). `proxy.stalled` counts the held responses."""
         return self.add(Fault("stall", match, method, times, at=after))
 
+    def hold(self, match: str = "", method: str | None = None,
+             times: int | None = None) -> Fault:
+        """Answer nothing, not even headers, until release() (or the client hangs up): an
+        upstream slow to answer. Counted in `proxy.stalled` like a stall."""
+        return self.add(Fault("hold", match, method, times))
+
     def status(self, code: int, headers: dict[str, str] | None = None, body: bytes = b"",
                match: str = "", method: str | None = None, times: int | None = None) -> Fault:
         """Answer `code` at once, without contacting the registry."""
@@ -178,9 +184,10 @@ class FaultProxy:
         return self.add(Fault("throttle", match, method, times, rate=bytes_per_sec))
 
     def release(self) -> None:
-        """Let every stalled response go on, and stall no more (stall faults are removed)."""
+        """Let every stalled or held response go on, and stall no more (stall and hold faults
+        are removed)."""
         with self._lock:
-            self._faults = [f for f in self._faults if f.kind != "stall"]
+            self._faults = [f for f in self._faults if f.kind not in ("stall", "hold")]
             released, self._released = self._released, asyncio.Event()
         if self._thread is not None and self._thread.loop is not None:
             self._thread.call_soon(released.set)  # asyncio objects: touch only on their loop
@@ -247,6 +254,8 @@ class FaultProxy:
         with self._lock:
             self._records.append(record)
 
+        if "hold" in faults:
+            await self._hold(released)
         if "delay" in faults:
             await asyncio.sleep(faults["delay"].seconds)
         if "status" in faults:
