@@ -11,9 +11,15 @@ lines included, is one object:
 
 (`bytes`: the response's size with its headers, as aiohttp's `%b`; `duration`: seconds).
 A line logged while a request is handled (an upstream failure, a fill it started) carries
-that request's id too. In both modes every response echoes `X-Request-Id`: the client's own
-when it sent a sane one (so a proxy's or a client's id ties the lines together), else a
-new one.
+that request's id too: every log record gets a `request_id` attribute, which text mode
+writes in brackets after the level:
+
+    2026-01-02 03:04:05,678 WARNING [5f0c1a2b00000007] GET /v2/library/alpine/...: upstream ...
+
+In both modes every response echoes `X-Request-Id`: the client's own when it sent a sane
+one (so a proxy's or a client's id ties the lines together), else a new one.
+`response_started(request)` says whether a response's headers went out, which the error
+middleware needs to know before it may answer with an error.
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ HEADER = istr("X-Request-Id")  # istr: no case-folding per request
 SANE_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 ACCESS_FIELDS = ("method", "path", "status", "bytes", "duration", "user_agent", "remote")
 REQUEST_ID = web.RequestKey("request_id", str)
+RESPONSE_STARTED = web.RequestKey("response_started", bool)
 
 # A generated id: 8 hex digits drawn once per process, then a counter. Unique across
 # restarts and instances without a random draw per request.
 _prefix = os.urandom(4).hex()
 _counter = itertools.count(1)
 _current: ContextVar[str | None] = ContextVar("mirror_request_id", default=None)
+_tagging = False
 
 
 def new_id(request: web.BaseRequest) -> str:
@@ -54,16 +62,15 @@ def new_id(request: web.BaseRequest) -> str:
 
 
 def install(app: web.Application, log_format: str) -> None:
-    """Give every response an X-Request-Id; in JSON mode, every log line of a request too."""
-    if log_format == "json":
-        app.middlewares.insert(0, _bind)
-        app.on_response_prepare.append(_echo_bound)
-    else:
-        app.on_response_prepare.append(_echo)
+    """Give every response an X-Request-Id, and every log line of a request that id."""
+    _tag_records()
+    app.middlewares.insert(0, _bind)
+    app.on_response_prepare.append(_echo_bound)
 
 
-async def _echo(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers[HEADER] = new_id(request)
+def response_started(request: web.BaseRequest) -> bool:
+    """Whether a response to `request` was prepared: its headers are (being) sent."""
+    return request.get(RESPONSE_STARTED, False)
 
 
 @web.middleware
@@ -78,6 +85,48 @@ async def _bind(request: web.Request, handler):
 
 async def _echo_bound(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[HEADER] = request.get(REQUEST_ID) or new_id(request)
+    request[RESPONSE_STARTED] = True
+
+
+def _tag_records() -> None:
+    """Make every log record carry the request id of the request it was logged for (None
+    outside a request), whichever logger and handler it goes to; once per process."""
+    global _tagging
+    if _tagging:
+        return
+    _tagging = True
+    make = logging.getLogRecordFactory()
+
+    def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made = make(*args, **kwargs)
+        made.request_id = _current.get()
+        return made
+
+    logging.setLogRecordFactory(record)
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL [request id] message`; lines outside a request have no brackets."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(request)s%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
+        record.request = f"[{request_id}] " if request_id else ""
+        return super().format(record)
+
+
+class TextAccessLogger(AccessLogger):
+    """aiohttp's access line, tagged with the response's request id like every other line.
+    (aiohttp logs it after the handler returned, outside the request's context.)"""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        token = _current.set(response.headers.get(HEADER))
+        try:
+            super().log(request, response, time)
+        finally:
+            _current.reset(token)
 
 
 class JsonFormatter(logging.Formatter):
@@ -104,8 +153,14 @@ class JsonAccessLogger(AbstractAccessLogger):
     """aiohttp's access line as fields of a JSON log line."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        token = _current.set(response.headers.get(HEADER))
+        try:
+            self._log(request, response, time)
+        finally:
+            _current.reset(token)
+
+    def _log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info("%s %s %s", request.method, request.path_qs, response.status, extra={
-            "request_id": response.headers.get(HEADER),
             "method": request.method,
             "path": request.path_qs,
             "status": response.status,
@@ -118,12 +173,10 @@ class JsonAccessLogger(AbstractAccessLogger):
 
 def setup(log_format: str) -> type[AbstractAccessLogger]:
     """Configure the root logger for `log_format`; the access logger class to use."""
-    if log_format != "json":
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        return AccessLogger
+    _tag_records()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    return JsonAccessLogger
+    return JsonAccessLogger if log_format == "json" else TextAccessLogger

@@ -8,16 +8,32 @@ close to the upstream's and the upstream is read once. The blob is committed (fs
 atomic rename into the BlobStore) only when its size and digest check out, and the last
 byte of the blob reaches readers only after the digest checked out.
 
-A reader leaving never stops the fill. When the fill fails (upstream cut, wrong digest,
-stall), every reader raises `FillFailed` after the bytes it has sent, so a response whose
-Content-Length was promised ends short and no client takes it for a whole blob.
+A fill is shared by digest, but every client that joins it brings its own route (the
+upstream and repository it asked through) as a `Source`. The fill reads from the first
+source; when that route fails — the upstream answers 404, 401/403 or 429, is down, or its
+body breaks off — the fill goes on from the next joiner's source, asking it with
+`Range: bytes=N-` for the bytes it does not have yet. So a bogus repository name or a down
+`?ns=` upstream fails nobody whose own route works: every reader gets the bytes if any
+route delivers them (they are the same bytes, checked against the digest, and a committed
+blob is served to every name anyway). Only when every joiner's route failed does the fill
+fail, with the first route's error.
+
+A reader leaving never stops the fill. When the fill fails (every route failed, wrong
+digest, a stall with no other route), every reader raises `FillFailed` after the bytes it
+has sent, so a response whose Content-Length was promised ends short and no client takes
+it for a whole blob. An upstream that says "not here" (404, denied) is an answer, not a
+failed fill: it is logged at DEBUG and not counted in mirror_fills_failed_total.
 
 Two failures are survivable:
-- A body that broke off (cut, stall) leaves a `Partial`: the spool and the hash state so
-  far. The next fill of that digest starts from it and asks the upstream for the rest
-  with `Range: bytes=N-`; its readers get the first N bytes at once.
+- A body that broke off (cut, stall) leaves a `Partial`: the spool, truncated to the bytes
+  written, and the hash state so far. The next fill of that digest starts from it and asks
+  the upstream for the rest with `Range: bytes=N-`; its readers get the first N bytes at
+  once. Partials count towards the disk budget (`Fills.partial_bytes`) and are the first
+  thing given up under pressure (`Fills.release_partials`).
 - A spool write that fails (disk full) does not fail the clients: the rest of the blob is
-  kept in memory (up to OVERFLOW_LIMIT) for the readers, and nothing is committed.
+  kept in memory for the readers, and nothing is committed. That memory is bounded over all
+  fills together (`Overflow`, OVERFLOW_LIMIT), not per fill; a fill that would pass it fails,
+  and so does one that nobody reads any more (nothing of it could be stored).
 """
 
 from __future__ import annotations
@@ -28,22 +44,40 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, Protocol
 
 from .. import metrics
-from ..errors import BodyBroken, RegistryError, Unavailable
+from ..errors import (
+    BlobUnknown,
+    BodyBroken,
+    Denied,
+    NameUnknown,
+    RegistryError,
+    StorageError,
+    StorageFull,
+    TooManyRequests,
+    Unavailable,
+)
 from ..storage.blobs import BlobStore, pwrite_all
 
 log = logging.getLogger("mirror")
 
 READ_CHUNK = 1 << 20
-# With the disk full, at most this much of one blob waits in memory for its readers.
+# With the disk full, at most this much of all blobs being filled waits in memory for
+# their readers, over every fill at once.
 OVERFLOW_LIMIT = 256 << 20
 # Broken-off downloads kept for resuming; the oldest spool goes when there are more.
 MAX_PARTIALS = 32
+
+# Failures of one route to a blob (its upstream, or its repository there), not of the blob:
+# another joiner's route may still deliver the same bytes.
+ROUTE_ERRORS = (BlobUnknown, NameUnknown, Denied, TooManyRequests, Unavailable)
+# The upstream's answer that the blob is not there for this name: not a failed fill.
+ANSWERS = (BlobUnknown, NameUnknown, Denied)
 
 
 class Body(Protocol):
@@ -61,15 +95,45 @@ class FillFailed(Exception):
 
 
 @dataclass
+class Source:
+    """One joiner's way to the blob: its route's name, and how to open the body there."""
+
+    route: str  # "<upstream>/<repository>", as Route.key
+    open_body: Opener
+    error: RegistryError | None = None  # why this route failed for this fill
+
+
+@dataclass
 class Partial:
     spool: Path
-    written: int
+    written: int  # the spool's length: truncated to this when the fill broke off
     hasher: Any  # hashlib object over the first `written` bytes
+    kept_at: float = field(default_factory=time.monotonic)
+
+
+class Overflow:
+    """The memory all fills together may hold for their readers while the disk is full."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def take(self, count: int) -> bool:
+        if self.used + count > self.limit:
+            return False
+        self.used += count
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def give_back(self, count: int) -> None:
+        self.used -= count
 
 
 class Fill:
     def __init__(self, digest: str, store: BlobStore, open_body: Opener,
-                 partial: Partial | None = None):
+                 partial: Partial | None = None, route: str = "",
+                 overflow: Overflow | None = None):
         self.digest = digest
         self.store = store
         self.size: int | None = None
@@ -78,8 +142,9 @@ class Fill:
         self.committed = False
         self.error: RegistryError | None = None
         self.partial: Partial | None = None  # set when this fill broke off and can resume
-        self.readers = 0  # responses reading it now (routes.blob counts them)
-        self._open_body = open_body
+        self.sources = [Source(route, open_body)]
+        self._readers = 0
+        self._budget = overflow if overflow is not None else Overflow(OVERFLOW_LIMIT)
         if partial is None:
             self._fd, self.spool = store.spool()
             self.written = 0
@@ -89,26 +154,50 @@ class Fill:
             self._fd = os.open(self.spool, os.O_WRONLY)
         self.on_disk = self.written  # bytes in the spool; the rest overflowed to memory
         self._overflow = bytearray()
+        self._preallocated = False
+        self._routes_failed = False  # the fill ended because every route failed
         self._started = asyncio.get_running_loop().create_future()
         self._began = time.monotonic()
         self._progress = asyncio.Event()
 
+    @property
+    def readers(self) -> int:
+        """Responses reading it now (routes.blob counts them)."""
+        return self._readers
+
+    @readers.setter
+    def readers(self, count: int) -> None:
+        self._readers = count
+        if count == 0 and self.done:
+            self._drop_overflow()
+
+    def add_source(self, route: str, open_body: Opener) -> None:
+        """A joiner's route, tried when every route before it failed; once per route."""
+        if all(source.route != route for source in self.sources):
+            self.sources.append(Source(route, open_body))
+
     def open_reader(self) -> int:
-        """A descriptor of the spool for one reader; called synchronously while registered."""
-        return os.open(self.spool, os.O_RDONLY)
+        """A descriptor of the spool for one reader; called synchronously while registered.
+
+        The commit renames the spool on a worker thread while the fill is still active, so
+        a reader joining at that moment finds it gone: the same bytes are at the blob's
+        committed path by then (the rename is the only way the spool disappears while the
+        fill is active)."""
+        try:
+            return os.open(self.spool, os.O_RDONLY)
+        except FileNotFoundError:
+            return os.open(self.store.path(self.digest), os.O_RDONLY)
 
     async def started(self) -> None:
-        """Wait until the upstream answered with headers; raise its error if it did not."""
+        """Wait until an upstream answered with headers; raise the error if none did."""
         await asyncio.shield(self._started)
 
     async def run(self) -> None:
         try:
             await self._download()
-        except BodyBroken as e:
-            if self.on_disk == self.written and self.written > 0:
-                self.partial = Partial(self.spool, self.written, self._hasher)
-            self._fail(e)
         except RegistryError as e:
+            if self._routes_failed and self.written and self.on_disk == self.written:
+                self._keep_partial()
             self._fail(e)
         except Exception as e:  # a bug must not hang the readers
             log.exception("fill of %s failed", self.digest)
@@ -116,23 +205,57 @@ class Fill:
         finally:
             os.close(self._fd)
             if not self.committed:
-                if self.error is None:  # cancelled: the service is stopping
+                if self.error is None and not self.verified:  # cancelled: stopping
                     self._fail(Unavailable(f"fetching {self.digest} was cancelled"))
                 if self.partial is None:
                     self.spool.unlink(missing_ok=True)
             self.done = True
+            if self._readers == 0:
+                self._drop_overflow()
             self._wake()
 
     async def _download(self) -> None:
+        while True:
+            source = self._next_source()
+            if source is None:
+                self._routes_failed = True
+                raise self.sources[0].error  # type: ignore[misc]  # every route has one
+            try:
+                await self._stream(source)
+                break
+            except ROUTE_ERRORS as e:
+                source.error = e
+                following = self._next_source()
+                if following is not None:
+                    log.info("fetching %s through %s failed (%s); going on from byte %d "
+                             "through %s", self.digest, source.route, e.message, self.written,
+                             following.route)
+        await self._verify_and_commit()
+
+    def _next_source(self) -> Source | None:
+        return next((s for s in self.sources if s.error is None), None)
+
+    async def _stream(self, source: Source) -> None:
+        """Read the rest of the blob through one route; raise that route's failure."""
         loop = asyncio.get_running_loop()
         resume_at = self.written
-        async with self._open_body(resume_at) as body:
-            self.size = body.size
-            self._started.set_result(None)
-            if self.size is not None:
-                self._preallocate(self.size)
+        async with source.open_body(resume_at) as body:
+            if not self._started.done():
+                self.size = body.size
+                self._started.set_result(None)
+            elif body.size is not None and self.size is not None and body.size != self.size:
+                raise Unavailable(f"{source.route} has {body.size} bytes for {self.digest}, "
+                                  f"another route said {self.size}")
+            reserving = None
+            if self.size is not None and not self._preallocated:
+                # On a thread, but not awaited before the first read: a body cut while we
+                # waited would lose what aiohttp had buffered (its reads raise a stored
+                # error before handing over buffered bytes), and with it the resume point.
+                self._preallocated = True
+                reserving = loop.run_in_executor(None, self._preallocate, self.size)
             if resume_at:
-                log.info("resuming %s at byte %d (upstream %s)", self.digest, resume_at,
+                log.info("resuming %s at byte %d through %s (upstream %s)", self.digest,
+                         resume_at, source.route,
                          "honoured the Range" if body.start == resume_at else "sent it all")
             skip = resume_at - body.start  # bytes we have, sent again by an upstream without Range
             # Each chunk is written and hashed on a thread (both release the GIL) while the
@@ -152,18 +275,30 @@ class Fill:
                 # Also on failure: the hash state must cover exactly `written` bytes.
                 if storing is not None:
                     self._advance(*await storing)
+                if reserving is not None:
+                    await reserving
         if self.size is not None and self.written != self.size:
             raise BodyBroken(f"upstream sent {self.written} of {self.size} bytes of {self.digest}")
+
+    async def _verify_and_commit(self) -> None:
         if f"{self.digest.partition(':')[0]}:{self._hasher.hexdigest()}" != self.digest:
             raise Unavailable(f"upstream sent bytes that do not match {self.digest}; not stored")
         self.size = self.written
         self.verified = True
         self._wake()
         if self.on_disk != self.written:
-            log.warning("%s was served from memory; not stored, the disk is full", self.digest)
+            # The spool failure was logged when it happened: this is only the outcome.
+            log.info("%s was served from memory; not stored, the disk is full", self.digest)
             return
-        await loop.run_in_executor(None, os.fsync, self._fd)
-        self.store.commit(self.spool, self.digest)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, os.fsync, self._fd)
+            await self.store.commit_async(self.spool, self.digest)
+        except (OSError, StorageError) as e:
+            # The readers have every verified byte already; only the copy is lost.
+            message = e.message if isinstance(e, StorageError) else f"{e.strerror} ({e.filename})"
+            log.warning("%s was served but not stored: %s", self.digest, message)
+            return
         self.committed = True
         seconds = time.monotonic() - self._began
         metrics.FILL_SECONDS.observe(seconds)
@@ -171,12 +306,15 @@ class Fill:
                  seconds, self.written / seconds / (1 << 20) if seconds else 0)
 
     def _preallocate(self, size: int) -> None:
-        """Reserve the blob's blocks up front: on ext4 that makes the spool writes several
-        times faster, and a full disk shows here, before any byte is promised."""
+        """On a worker thread: reserve the blob's blocks up front. On ext4 that makes the
+        spool writes several times faster, and a full disk shows here, before any byte is
+        promised."""
         try:
             os.posix_fallocate(self._fd, 0, size)
         except OSError as e:
             log.warning("cannot reserve %d bytes for %s: %s", size, self.digest, e.strerror)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self.on_disk)  # give back what a failed call reserved
 
     def _store(self, chunk: bytes) -> tuple[bytes, bool]:
         """On a worker thread: write a chunk to the spool and hash it; whether it was stored.
@@ -203,19 +341,50 @@ class Fill:
         if stored:
             self.on_disk += len(chunk)
         else:
-            if len(self._overflow) + len(chunk) > OVERFLOW_LIMIT:
-                raise Unavailable(f"no disk space to spool {self.digest}")
+            if self._readers == 0:
+                raise StorageFull(f"the disk is full and nobody reads {self.digest} any more: "
+                                  "stopping its download, nothing of it could be stored")
+            if not self._budget.take(len(chunk)):
+                raise StorageFull(
+                    f"the disk is full and the fills waiting for it already hold "
+                    f"{self._budget.used} bytes in memory (at most {self._budget.limit}): "
+                    f"stopping {self.digest}")
             self._overflow += chunk
         self.written += len(chunk)
         self._wake()
 
+    def _drop_overflow(self) -> None:
+        """Give the memory back once the fill ended and its last reader left."""
+        if self._overflow:
+            self._budget.give_back(len(self._overflow))
+            self._overflow = bytearray()
+
+    def _keep_partial(self) -> None:
+        """Keep the bytes so far for the next fill, without the preallocated rest."""
+        try:
+            os.ftruncate(self._fd, self.written)
+        except OSError as e:
+            log.warning("cannot truncate the spool of %s: %s; not kept", self.digest, e.strerror)
+            return
+        self.partial = Partial(self.spool, self.written, self._hasher)
+
     def _fail(self, error: RegistryError) -> None:
         self.error = error
-        metrics.FILLS_FAILED.inc()
         if not self._started.done():
             self._started.set_exception(error)
             self._started.exception()  # nobody may be waiting; do not warn about it
-        log.warning("fill of %s failed: %s", self.digest, error.message)
+        if isinstance(error, ANSWERS):
+            log.debug("fill of %s: %s", self.digest, error.message)
+            return
+        metrics.FILLS_FAILED.inc()
+        # Before the headers every waiting request gets the error as its response (and the
+        # error middleware logs it per request); after them, this is the one line saying
+        # why those responses end short.
+        level = logging.WARNING if self._started_ok() else logging.INFO
+        log.log(level, "fill of %s failed: %s", self.digest, error.message)
+
+    def _started_ok(self) -> bool:
+        return self._started.done() and self._started.exception() is None
 
     def _wake(self) -> None:
         self._progress.set()
@@ -254,25 +423,31 @@ class Fill:
 class Fills:
     """The fills in flight, one per digest, and the broken-off ones waiting to resume."""
 
-    def __init__(self, store: BlobStore):
+    def __init__(self, store: BlobStore, overflow_limit: int | None = None):
         self.store = store
         self.active: dict[str, Fill] = {}
-        self.partials: dict[str, Partial] = {}
+        self.partials: dict[str, Partial] = {}  # oldest first
+        self.overflow = Overflow(OVERFLOW_LIMIT if overflow_limit is None else overflow_limit)
         self._tasks: set[asyncio.Task] = set()
 
-    def join(self, digest: str, open_body: Opener) -> tuple[Fill, int]:
-        """The fill of `digest` (started if none runs) and a spool descriptor to read it.
+    def join(self, digest: str, open_body: Opener, route: str = "") -> tuple[Fill, int]:
+        """The fill of `digest` (started if none runs) and a spool descriptor to read it;
+        `open_body` is this joiner's route to the blob, used if the routes before it fail.
 
         Synchronous on purpose: between finding a fill here and opening its spool there is
-        no await, so the fill cannot commit (rename the spool away) in between.
+        no await, so the fill cannot end (and remove a failed spool) in between; a commit
+        renaming it on a thread meanwhile is handled by `open_reader`.
         """
         fill = self.active.get(digest)
         if fill is None:
-            fill = Fill(digest, self.store, open_body, self.partials.pop(digest, None))
+            fill = Fill(digest, self.store, open_body, self.partials.pop(digest, None),
+                        route=route, overflow=self.overflow)
             self.active[digest] = fill
             task = asyncio.ensure_future(self._run(fill))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        else:
+            fill.add_source(route, open_body)
         return fill, fill.open_reader()
 
     async def _run(self, fill: Fill) -> None:
@@ -288,6 +463,23 @@ class Fills:
         while len(self.partials) > MAX_PARTIALS:
             oldest = next(iter(self.partials))
             self.partials.pop(oldest).spool.unlink(missing_ok=True)
+
+    def partial_bytes(self) -> int:
+        """Bytes the broken-off downloads kept for resuming hold on disk."""
+        return sum(partial.written for partial in self.partials.values())
+
+    def release_partials(self, bytes_needed: int) -> int:
+        """Give up kept partial downloads, oldest first, until `bytes_needed` bytes are
+        freed (or none is left); the bytes freed. Their next fill starts from byte 0."""
+        freed = 0
+        while freed < bytes_needed and self.partials:
+            digest = next(iter(self.partials))
+            partial = self.partials.pop(digest)
+            partial.spool.unlink(missing_ok=True)
+            freed += partial.written
+            log.info("gave up the partial download of %s (%d bytes) to free space", digest,
+                     partial.written)
+        return freed
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -1,0 +1,226 @@
+"""Logs worth reading: a client leaving mid-response is one INFO line, not an ERROR
+traceback; an upstream that has no such blob is not a failed fill; every real error is one
+line carrying the request id; and every OSError is a typed OCI error (500, or 507 for a full
+disk) or, once a response began, a closed connection — never a second response.
+
+The mirror here runs as `mirror serve` runs it (aiohttp's runner without handler
+cancellation, with its access logger), not as aiohttp's TestServer does: with
+handler_cancellation a client leaving cancels the handler, which hides what production
+logs when the handler's next write fails.
+"""
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mirror import errors, logs, metrics
+from mirror.app import make_app
+from mirror.keys import PROXY
+from tests.conftest import mirror_config
+from tests.test_metrics import serve, stop
+from tests.test_serve import free_port, wait_for
+
+MiB = 1 << 20
+
+
+@dataclass
+class Served:
+    url: str
+    app: web.Application
+
+    @property
+    def proxy(self):
+        return self.app[PROXY]
+
+
+async def run(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, handler_cancellation=False,
+                           access_log=logging.getLogger("aiohttp.access"),
+                           access_log_class=logs.TextAccessLogger)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def served(tmp_path, upstream):
+    app = make_app(mirror_config(tmp_path / "data", upstream.url))
+    runner, url = await run(app)
+    yield Served(url, app)
+    await runner.cleanup()
+
+
+@pytest.fixture
+def records(caplog):
+    caplog.set_level(logging.DEBUG, logger="mirror")
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    return caplog
+
+
+def loud(caplog, request_id=None):
+    """WARNING and worse, or those of one request."""
+    return [r for r in caplog.records if r.levelno >= logging.WARNING
+            and (request_id is None or getattr(r, "request_id", None) == request_id)]
+
+
+def big_layer(upstream):
+    alpine = upstream.images["library/alpine"]
+    digest = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
+    return digest, alpine.blobs[digest]
+
+
+async def settle(served, digest):
+    while digest in served.proxy.fills.active:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the handler notices the closed socket at its next write
+
+
+async def test_client_leaving_mid_response_is_one_info_line_not_a_traceback(
+        served, http, upstream, records):
+    digest, data = big_layer(upstream)
+    upstream.proxy.throttle(2 * MiB, match=digest)
+    async with http.get(f"{served.url}/v2/library/alpine/blobs/{digest}") as resp:
+        request_id = resp.headers["X-Request-Id"]
+        await resp.content.readexactly(64 * 1024)
+        resp.close()  # the client hangs up mid-body
+    await settle(served, digest)
+    assert loud(records) == []
+    assert not any(r.exc_info for r in records.records)
+    gone = [r for r in records.records if "went away" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelno == logging.INFO
+    assert gone[0].request_id == request_id
+    # aiohttp's access line for it is still written, with nginx's 499 for "client left".
+    [access] = [r for r in records.records if r.name == "aiohttp.access"]
+    assert access.request_id == request_id and '" 499 ' in access.getMessage()
+    # And the fill went on for the next client.
+    assert served.proxy.store.path(digest).read_bytes() == data
+
+
+async def test_missing_blob_is_not_a_failed_fill(served, http, upstream, records):
+    failed = metrics.FILLS_FAILED.total()
+    for name in ("library/alpine", "nobody/nothing"):  # 404 upstream; 401 for a bogus name
+        async with http.get(f"{served.url}/v2/{name}/blobs/sha256:{'0' * 64}") as resp:
+            assert resp.status in (403, 404)
+    assert metrics.FILLS_FAILED.total() == failed
+    assert loud(records) == []
+    assert not any("fill of" in r.getMessage() and r.levelno > logging.DEBUG
+                   for r in records.records)
+
+
+async def test_upstream_down_is_one_warning_with_the_request_id(served, http, upstream,
+                                                                records):
+    digest, _ = big_layer(upstream)
+    upstream.proxy.down()
+    failed = metrics.FILLS_FAILED.total()
+    async with http.get(f"{served.url}/v2/library/alpine/blobs/{digest}",
+                        headers={"X-Request-Id": "trace-down-1"}) as resp:
+        assert resp.status == 503
+        assert json.loads(await resp.read())["errors"][0]["code"] == "UNAVAILABLE"
+    [line] = loud(records)
+    assert line.request_id == "trace-down-1" and "unreachable" in line.getMessage()
+    assert not line.exc_info
+    assert metrics.FILLS_FAILED.total() == failed + 1  # a real failure is still counted
+
+
+async def test_upstream_cut_mid_body_is_one_fill_warning_with_the_starters_id(
+        served, http, upstream, records):
+    digest, _ = big_layer(upstream)
+    async with http.get(f"{served.url}/v2/library/alpine/manifests/latest") as resp:
+        assert resp.status == 200  # the token first: the cut must hit the body
+    upstream.proxy.throttle(8 * MiB, match=digest)
+    upstream.proxy.cut(at=MiB, match=digest, times=1)
+    async with http.get(f"{served.url}/v2/library/alpine/blobs/{digest}",
+                        headers={"X-Request-Id": "trace-cut-1"}) as resp:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    await settle(served, digest)
+    fill_lines = [r for r in loud(records) if "fill of" in r.getMessage()]
+    assert len(fill_lines) == 1 and fill_lines[0].request_id == "trace-cut-1"
+    assert all(r.request_id == "trace-cut-1" for r in loud(records))
+
+
+def middleware_app(handler) -> web.Application:
+    """The mirror's own error middleware and request ids around one handler of a test's."""
+    app = web.Application(middlewares=[errors.middleware])
+    logs.install(app, "text")
+    app.router.add_get("/x", handler)
+    return app
+
+
+@pytest.mark.parametrize("code,status,words", [
+    (errno.EIO, 500, "storage error on /srv/mirror/blobs/sha256/ab/abcd: Input/output error"),
+    (errno.ENOSPC, 507, "is full: cannot write /srv/mirror/blobs/sha256/ab/abcd"),
+], ids=["eio", "enospc"])
+async def test_file_error_before_the_response_is_oci_json_and_one_line_naming_the_file(
+        http, records, code, status, words):
+    async def handler(request):
+        raise OSError(code, os.strerror(code), "/srv/mirror/blobs/sha256/ab/abcd")
+    runner, url = await run(middleware_app(handler))
+    try:
+        async with http.get(f"{url}/x") as resp:
+            assert resp.status == status
+            assert resp.headers["Content-Type"] == "application/json"
+            error = json.loads(await resp.read())["errors"][0]
+            request_id = resp.headers["X-Request-Id"]
+    finally:
+        await runner.cleanup()
+    assert error["code"] == "UNKNOWN" and words in error["message"]
+    [line] = loud(records)
+    assert line.levelno == logging.ERROR and words in line.getMessage()
+    assert line.request_id == request_id and not line.exc_info
+
+
+async def test_file_error_after_the_headers_closes_the_connection_not_a_second_response(
+        http, records):
+    async def handler(request):
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b"a" * 100)
+        raise OSError(errno.EIO, "Input/output error", "/srv/mirror/blobs/sha256/cd/cdef")
+    runner, url = await run(middleware_app(handler))
+    try:
+        async with http.get(f"{url}/x") as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()  # 100 of the 1000 bytes promised, then the end
+    finally:
+        await runner.cleanup()
+    [line] = loud(records)
+    assert "/srv/mirror/blobs/sha256/cd/cdef" in line.getMessage()
+    assert "closing the connection" in line.getMessage() and not line.exc_info
+    assert not any(r.name == "aiohttp.server" for r in records.records
+                   if r.levelno >= logging.ERROR)
+
+
+def test_text_log_lines_carry_the_request_id(tmp_path):
+    port, closed = free_port(), free_port()  # nothing listens on `closed`: upstream down
+    proc = serve(tmp_path, f'[server]\nlisten = "127.0.0.1:{port}"\n'
+                 f'[storage]\nroot = "{tmp_path}/d"\n[[upstreams]]\nname = "docker.io"\n'
+                 f'url = "http://127.0.0.1:{closed}"\ndefault = true\n')
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", proc)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/library/alpine/manifests/1",
+            headers={"X-Request-Id": "trace-77"})
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(request, timeout=10)
+        assert failed.value.code == 503
+    finally:
+        out = stop(proc)
+    lines = [line for line in out.splitlines() if "[trace-77]" in line]
+    assert any(" WARNING [trace-77] GET /v2/library/alpine/manifests/1: " in line
+               for line in lines), out
+    assert any('"GET /v2/library/alpine/manifests/1 HTTP/1.1" 503' in line for line in lines), out
+    assert not out.lstrip().startswith("{")
