@@ -2,6 +2,7 @@
 refers to."""
 
 import json
+import re
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -11,6 +12,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_ARTIFACT = "application/vnd.oci.artifact.manifest.v1+json"
 LIST_TYPES = {DOCKER_LIST, OCI_INDEX}
+DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")  # as reference.parse_digest
 # What a client that states no preference gets, and what a fetch by digest asks for: a
 # digest names one manifest, and Docker Hub answers 404 to a digest whose type is not accepted.
 ALL_TYPES = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST, OCI_ARTIFACT,
@@ -22,7 +24,7 @@ def references(body: bytes) -> list[str]:
     (and its subject is not one: a referrer does not keep its subject alive)."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         return []
     if not isinstance(document, dict):
         return []
@@ -38,4 +40,6 @@ def references(body: bytes) -> list[str]:
     for layer in document.get("fsLayers", []) if isinstance(document.get("fsLayers"), list) else []:
         if isinstance(layer, dict) and isinstance(layer.get("blobSum"), str):
             found.append(layer["blobSum"])  # schema1
-    return found
+    # Only what is a digest: a hostile manifest's "../../etc" must never reach the ledger
+    # (or anything that turns a digest into a path).
+    return [d for d in found if DIGEST.fullmatch(d)]
