@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from . import errors, logs, metrics
-from .api import routes
+from .api import connections, routes
 from .api.access import Access
 from .cache.budget import Budget
 from .cache.fill import Fills
@@ -23,14 +23,16 @@ from .cache.hosted import Hosted
 from .cache.proxy import Proxy
 from .config import Config
 from .keys import BUDGET, CONFIG, HOSTED, PROXY, ROUTER, UPLOADS
-from .ops.housekeeping import adopt
+from .ops import housekeeping
 from .reference import Router
 from .storage.blobs import BlobStore
 from .storage.index import Index
+from .storage.lock import ServerLock
 from .storage.memory import Memory
+from .storage.sqlite import SqliteMetadata
 from .storage.uploads import Uploads
-from .storage.usage import Usage
 from .upstream.client import Upstream
+from .upstream.slots import Shared
 
 log = logging.getLogger("mirror")
 
@@ -39,10 +41,14 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 def make_app(config: Config) -> web.Application:
     middlewares = [errors.middleware, routes.refuse_hostile_paths]
-    if config.access.htpasswd is not None or config.access.read_only:
-        middlewares.append(Access(config.access).middleware())
-    app = web.Application(middlewares=middlewares)
+    # Always installed: without logins it still keeps pushes to loopback clients.
+    access = Access(config.access)
+    middlewares.append(access.middleware())
+    # Request line, header and keep-alive limits and the header deadline: api/connections.py.
+    app = connections.Application(config.limits, middlewares=middlewares)
+    access.install(app)  # the startup warning; its password-check threads stop with the app
     app[CONFIG] = config
+    app[errors.STORAGE_ROOT] = config.storage.root
     app[ROUTER] = Router(config.upstreams)
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(_api_version)
@@ -55,13 +61,16 @@ def make_app(config: Config) -> web.Application:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     memory = Memory()
-    usage = Usage(config.storage.root)
-    store = BlobStore(config.storage.root, usage)
+    metadata = SqliteMetadata(config.storage.root)
+    lock = ServerLock(config.storage.root)  # gc leaves our spools alone
+    store = BlobStore(config.storage.root, metadata)
     store.remove_spools()
-    index = Index(config.storage.root, memory, usage)
+    index = Index(metadata, memory)
     fills = Fills(store)
-    if usage.new and (adopted := adopt(store, index, usage)):
-        log.info("entered %d stored items into the new usage ledger", adopted)
+    reconciled = await housekeeping.reconcile(store, metadata)
+    if reconciled.entered or reconciled.forgotten:
+        log.info("reconciled the ledger with the disk: %d stored items entered, %d missing "
+                 "ones forgotten", reconciled.entered, reconciled.forgotten)
     # auto_decompress off: blobs and manifests are hashed and served exactly as sent.
     session = aiohttp.ClientSession(
         auto_decompress=False,
@@ -70,27 +79,34 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         read_bufsize=1 << 20,
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         cookie_jar=aiohttp.DummyCookieJar())
-    slots = asyncio.Semaphore(config.limits.upstream_requests)
+    slots = Shared(config.limits)  # global request slots and body permits
     upstreams = {u.name: Upstream(u, config.limits, session, memory, slots)
                  for u in config.upstreams}
     app[PROXY] = Proxy(upstreams, index, store, fills, offline=config.server.offline)
-    app[HOSTED] = Hosted(config.storage.root, index, store, config.hosted, app[ROUTER])
-    app[UPLOADS] = Uploads(config.storage.root, store, config.hosted.upload_ttl)
-    app[BUDGET] = Budget(config.storage, usage, store, index, app[HOSTED])
+    app[HOSTED] = await Hosted.open(index, store, config.hosted, app[ROUTER])
+    app[UPLOADS] = Uploads(config.storage.root, store, config.hosted.upload_ttl,
+                           max_size=config.hosted.max_upload_size,
+                           per_client=config.hosted.max_uploads_per_client)
+    uploads = app[UPLOADS]
+    app[BUDGET] = Budget(config.storage, index, store,
+                         in_flight=lambda digest: digest in fills.active,
+                         extra=lambda: fills.partial_bytes() + uploads.total_bytes(),
+                         release=fills.release_partials,
+                         link_grace=config.hosted.upload_ttl)
     log.info("serving %s with data in %s; upstreams: %s", config.server.listen,
              store.root.resolve(), ", ".join(
                  f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams))
-    housekeeping = [asyncio.ensure_future(app[UPLOADS].expire_forever()),
-                    asyncio.ensure_future(app[BUDGET].run_forever())]
+    background = [asyncio.ensure_future(app[UPLOADS].expire_forever()),
+                  asyncio.ensure_future(app[BUDGET].run_forever())]
     yield
-    for task in housekeeping:
+    for task in background:
         task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
     await fills.close()
     await session.close()
     await memory.close()
-    app[HOSTED].close()
-    index.close()
-    usage.close()
+    await metadata.close()
+    lock.release()
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _user_add(config: cfg.Config, args: argparse.Namespace) -> None:
-    from .api.access import add_user
+    from .api.htpasswd import add_user
 
     path = args.htpasswd or config.access.htpasswd
     if not path:
@@ -208,6 +208,10 @@ def _serve(config: cfg.Config) -> None:
         tls = ssl_context(config)
     except (OSError, ValueError) as e:
         sys.exit(f"mirror: cannot load server.tls_certificate / server.tls_key: {e}")
-    web.run_app(make_app(config), host=config.server.host, port=config.server.port,
+    try:
+        app = make_app(config)
+    except cfg.ConfigError as e:  # an htpasswd entry refused at load, naming its line
+        sys.exit(f"mirror: config error: {e}")
+    web.run_app(app, host=config.server.host, port=config.server.port,
                 access_log=access_log, access_log_class=access_log_class,
                 access_log_format=ACCESS_LOG, ssl_context=tls, print=None)
