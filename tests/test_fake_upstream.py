@@ -69,6 +69,9 @@ class Fake:
                 await response.write(CHUNKED[i:i + 100_000])
             await response.write_eof()
             return response
+        if request.path == "/v2/odd/list/tags/list":  # a broken registry's tag list
+            return web.Response(body=b'{"name": "odd/list", "tags": 5}',
+                                headers={"Content-Type": "application/json"})
         if request.path.startswith("/v2/old/image/referrers/"):
             return web.Response(body=REFERRERS, headers={
                 "Content-Type": "application/vnd.oci.image.index.v1+json",
@@ -181,3 +184,10 @@ async def test_blob_of_unknown_length_streams_chunked_then_serves_with_length(mi
         assert resp.headers["Content-Length"] == str(len(CHUNKED))
         assert await resp.read() == CHUNKED
     assert sum(CHUNKED_DIGEST in s[1] for s in fake.seen) == 2  # a 401, then one fetch
+
+
+async def test_a_tag_list_that_is_not_a_list_is_a_clean_503(mirror_on_fake, http):
+    async with http.get(f"{mirror_on_fake.url}/v2/odd/list/tags/list") as resp:
+        assert resp.status == 503  # it was a TypeError: a 500 and a traceback
+        error = (await resp.json())["errors"][0]
+        assert error["code"] == "UNAVAILABLE" and "unreadable tag list" in error["message"]

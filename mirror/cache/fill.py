@@ -248,9 +248,11 @@ class Fill:
                                   f"another route said {self.size}")
             reserving = None
             if self.size is not None and not self._preallocated:
-                # On a thread, but not awaited before the first read: a body cut while we
-                # waited would lose what aiohttp had buffered (its reads raise a stored
-                # error before handing over buffered bytes), and with it the resume point.
+                # On a thread, and awaited only before the first write, not before the first
+                # read: a body cut while we waited would lose what aiohttp had buffered (its
+                # reads raise a stored error before handing over buffered bytes), and with
+                # it the resume point. No write may overlap it: a failed fallocate undoes
+                # the blocks it took, and would take a concurrent write's bytes with them.
                 self._preallocated = True
                 reserving = loop.run_in_executor(None, self._preallocate, self.size)
             if resume_at:
@@ -270,6 +272,9 @@ class Fill:
                             continue
                     if storing is not None:
                         self._advance(*await storing)
+                    if reserving is not None:
+                        await reserving
+                        reserving = None
                     storing = loop.run_in_executor(None, self._store, chunk)
             finally:
                 # Also on failure: the hash state must cover exactly `written` bytes.

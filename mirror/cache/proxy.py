@@ -251,7 +251,9 @@ class Proxy:
             answer = await upstream.fetch("GET", path, name=route.name, not_found=NameUnknown)
             try:
                 page = json.loads(answer.body).get("tags") or []
-            except (ValueError, AttributeError):
+                if not isinstance(page, list):
+                    raise ValueError("tags is not a list")
+            except (ValueError, AttributeError, RecursionError):
                 raise Unavailable(f"upstream {upstream.name} sent an unreadable tag list") from None
             tags.update(t for t in page if isinstance(t, str))
             path = _next_link(answer, f"/v2/{route.name}/tags/list")
@@ -286,7 +288,7 @@ def _media_type(answer: Answer) -> str:
             return declared
         if document.get("schemaVersion") == 1:
             return DOCKER_SCHEMA1_SIGNED if "signatures" in document else DOCKER_SCHEMA1
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: absurd nesting
         pass
     return media_type or OCI_MANIFEST
 

@@ -210,7 +210,8 @@ class Authenticator:
                     continue  # the next address of the realm's host
                 raise Unavailable(f"the token service of upstream {self.upstream.name} "
                                   f"failed: {e.__class__.__name__} {e}") from e
-            except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as e:
+            except (aiohttp.ClientError, TimeoutError, ValueError, OSError,
+                    RecursionError) as e:  # RecursionError: JSON nested past any sense
                 raise Unavailable(f"the token service of upstream {self.upstream.name} "
                                   f"failed: {e.__class__.__name__} {e}") from e
         token = answer.get("token") or answer.get("access_token") if isinstance(answer, dict) \
