@@ -18,7 +18,7 @@ from . import errors, logs, metrics
 from .api import connections, routes
 from .api.access import Access
 from .cache.budget import Budget
-from .cache.fill import Fills
+from .cache.fills import Fills
 from .cache.hosted import Hosted
 from .cache.proxy import Proxy
 from .config import Config

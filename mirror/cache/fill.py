@@ -1,12 +1,13 @@
 """One upstream fetch per digest, spooled to disk and read by every waiting client as it grows.
 
-A `Fill` downloads one blob in its own task: each chunk is written to a spool file and
-hashed, and `written` grows. Any number of readers — the client that started the fill and
-every client that comes later — read the spool file from their own offset with their own
-file descriptor, waiting only for bytes that do not exist yet; so time to first byte stays
-close to the upstream's and the upstream is read once. The blob is committed (fsync, then
-atomic rename into the BlobStore) only when its size and digest check out, and the last
-byte of the blob reaches readers only after the digest checked out.
+A `Fill` downloads one blob in its own task (fills.py keeps them, one per digest): each
+chunk is written to a spool file and hashed, and `written` grows. Any number of readers —
+the client that started the fill and every client that comes later — read the spool file
+from their own offset with their own file descriptor, waiting only for bytes that do not
+exist yet; so time to first byte stays close to the upstream's and the upstream is read
+once. The blob is committed (fsync, then atomic rename into the BlobStore) only when its
+size and digest check out, and the last byte of the blob reaches readers only after the
+digest checked out.
 
 A fill is shared by digest, but every client that joins it brings its own route (the
 upstream and repository it asked through) as a `Source`. The fill reads from the first
@@ -70,9 +71,6 @@ READ_CHUNK = 1 << 20
 # With the disk full, at most this much of all blobs being filled waits in memory for
 # their readers, over every fill at once.
 OVERFLOW_LIMIT = 256 << 20
-# Broken-off downloads kept for resuming; the oldest spool goes when there are more.
-MAX_PARTIALS = 32
-
 # Failures of one route to a blob (its upstream, or its repository there), not of the blob:
 # another joiner's route may still deliver the same bytes.
 ROUTE_ERRORS = (BlobUnknown, NameUnknown, Denied, TooManyRequests, Unavailable)
@@ -423,70 +421,3 @@ class Fill:
         """Bytes past the spool's end, kept in memory because the disk was full."""
         at = offset - self.on_disk
         return bytes(self._overflow[at:at + min(count, READ_CHUNK)])
-
-
-class Fills:
-    """The fills in flight, one per digest, and the broken-off ones waiting to resume."""
-
-    def __init__(self, store: BlobStore, overflow_limit: int | None = None):
-        self.store = store
-        self.active: dict[str, Fill] = {}
-        self.partials: dict[str, Partial] = {}  # oldest first
-        self.overflow = Overflow(OVERFLOW_LIMIT if overflow_limit is None else overflow_limit)
-        self._tasks: set[asyncio.Task] = set()
-
-    def join(self, digest: str, open_body: Opener, route: str = "") -> tuple[Fill, int]:
-        """The fill of `digest` (started if none runs) and a spool descriptor to read it;
-        `open_body` is this joiner's route to the blob, used if the routes before it fail.
-
-        Synchronous on purpose: between finding a fill here and opening its spool there is
-        no await, so the fill cannot end (and remove a failed spool) in between; a commit
-        renaming it on a thread meanwhile is handled by `open_reader`.
-        """
-        fill = self.active.get(digest)
-        if fill is None:
-            fill = Fill(digest, self.store, open_body, self.partials.pop(digest, None),
-                        route=route, overflow=self.overflow)
-            self.active[digest] = fill
-            task = asyncio.ensure_future(self._run(fill))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        else:
-            fill.add_source(route, open_body)
-        return fill, fill.open_reader()
-
-    async def _run(self, fill: Fill) -> None:
-        try:
-            await fill.run()
-        finally:
-            del self.active[fill.digest]
-            if fill.partial is not None:
-                self._keep(fill.digest, fill.partial)
-
-    def _keep(self, digest: str, partial: Partial) -> None:
-        self.partials[digest] = partial
-        while len(self.partials) > MAX_PARTIALS:
-            oldest = next(iter(self.partials))
-            self.partials.pop(oldest).spool.unlink(missing_ok=True)
-
-    def partial_bytes(self) -> int:
-        """Bytes the broken-off downloads kept for resuming hold on disk."""
-        return sum(partial.written for partial in self.partials.values())
-
-    def release_partials(self, bytes_needed: int) -> int:
-        """Give up kept partial downloads, oldest first, until `bytes_needed` bytes are
-        freed (or none is left); the bytes freed. Their next fill starts from byte 0."""
-        freed = 0
-        while freed < bytes_needed and self.partials:
-            digest = next(iter(self.partials))
-            partial = self.partials.pop(digest)
-            partial.spool.unlink(missing_ok=True)
-            freed += partial.written
-            log.info("gave up the partial download of %s (%d bytes) to free space", digest,
-                     partial.written)
-        return freed
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

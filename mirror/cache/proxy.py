@@ -43,7 +43,8 @@ from ..reference import Route, is_digest, parse_digest
 from ..storage.blobs import BlobStore
 from ..storage.index import Index, TagRecord
 from ..upstream.client import Answer, Upstream
-from .fill import Fill, Fills
+from .fill import Fill
+from .fills import Fills
 from .flights import Flights
 
 log = logging.getLogger("mirror")
