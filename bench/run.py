@@ -442,8 +442,9 @@ def manifest_load(url: str, method: str, seconds: int, work: Path) -> dict[str, 
     return wrk_get(url, seconds) if method == "GET" else ab_head(url, seconds, work)
 
 
-def wrk_get(url: str, seconds: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "--latency", "-c16", "-t2", f"-d{seconds}s", "-H", ACCEPT, url],
+def wrk_get(url: str, seconds: int, connections: int = 16) -> dict[str, float]:
+    out = subprocess.run(["wrk", "--latency", f"-c{connections}", f"-t{min(2, connections)}",
+                          f"-d{seconds}s", "-H", ACCEPT, url],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if rps is None:

@@ -13,7 +13,9 @@ by slow layers, reported as a ratio to the unloaded figure. Everything runs on 1
   with a HEAD: it needs an upstream request slot) and `quay.io` under the prefix `cached`
   with the default `tag_ttl` (GETs by tag answered from the tag record: the event loop's
   own responsiveness);
-- wrk with 16 connections (bench/run.py's `wrk_get`) for `--seconds` per run.
+- wrk with `--connections` (16 by default, bench/run.py's `wrk_get`) for `--seconds` per
+  run; 16 keep two cores busy, so their latency is mostly queueing; 1 measures what one
+  request waits while the layers stream.
 
 "Loaded" means: `--layers` curl clients each pulling one slow layer (the fault proxy sends
 each body at `--rate-kib` KiB/s, so they last the whole run) plus `--queued` more that
@@ -158,8 +160,8 @@ def upstream_heads(upstream: Upstream) -> int:
                if r.method == "HEAD" and f"/v2/{SMALL}/manifests/latest" in r.path)
 
 
-def measure(url: str, seconds: int, rounds: int) -> dict[str, float]:
-    runs = [wrk_get(url, seconds) for _ in range(rounds)]
+def measure(url: str, seconds: int, rounds: int, connections: int) -> dict[str, float]:
+    runs = [wrk_get(url, seconds, connections) for _ in range(rounds)]
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]} | {
         "p99_worst": max(r["p99"] for r in runs), "errors": sum(r["errors"] for r in runs)}
 
@@ -168,6 +170,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
     ap.add_argument("--rounds", type=int, default=3, help="wrk runs per figure (median)")
+    ap.add_argument("--connections", type=int, default=16,
+                    help="wrk connections: 16 saturates two cores (latency is then queueing); "
+                         "1 measures one request's latency under the background load")
     ap.add_argument("--layers", type=int, default=16,
                     help="slow layers streaming = limits.upstream_bodies (default 16, also "
                          "the default per-upstream request slots)")
@@ -200,7 +205,7 @@ def main() -> None:
         print("unloaded", flush=True)
         for name, url in (("revalidated", revalidated), ("cached", cached)):
             before = upstream_heads(upstream)
-            results[name, "unloaded"] = measure(url, args.seconds, args.rounds)
+            results[name, "unloaded"] = measure(url, args.seconds, args.rounds, args.connections)
             heads[f"{name} unloaded"] = upstream_heads(upstream) - before
 
         upstream.proxy.throttle(args.rate_kib * KiB, match=f"/v2/{SLOW}/blobs/")
@@ -218,7 +223,7 @@ def main() -> None:
               flush=True)
         for name, url in (("revalidated", revalidated), ("cached", cached)):
             before = upstream_heads(upstream)
-            results[name, "loaded"] = measure(url, args.seconds, args.rounds)
+            results[name, "loaded"] = measure(url, args.seconds, args.rounds, args.connections)
             heads[f"{name} loaded"] = upstream_heads(upstream) - before
         end_streams = bodies_streaming(upstream, slow)
         after = {name: check(url, small.digest)
@@ -228,7 +233,8 @@ def main() -> None:
         print(f"`bench/starvation.py`: mirror from `{args.source}`; {args.layers} slow layers "
               f"of {args.layer_mib} MiB at {args.rate_kib} KiB/s each "
               f"(limits.upstream_bodies = {args.layers}) plus {args.queued} waiting; wrk "
-              f"-c16 -t2, {args.rounds} x {args.seconds}s per figure (median; p99 also worst).\n")
+              f"-c{args.connections} -t{min(2, args.connections)}, {args.rounds} x "
+              f"{args.seconds}s per figure (median; p99 also worst).\n")
         print("| manifest GET by tag | unloaded req/s | unloaded p50 / p99 (ms) | loaded req/s "
               "| loaded p50 / p99 (ms), worst p99 | loaded / unloaded p99 | errors (loaded) "
               "| upstream HEADs (loaded) | p99 < 20 ms |")

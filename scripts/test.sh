@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what the tests need on a fresh Debian/Ubuntu machine, then run them.
 #   - Debian packages: docker-registry (the real upstream), skopeo and containerd (real
-#     clients), chromium (renders the status page), python3-venv; installed only when
-#     missing, with sudo when not root.
+#     clients), chromium (renders the status page), openssl (reference password hashes),
+#     python3-venv; installed only when missing, with sudo when not root.
 #   - Python packages: into .venv (created if missing), the project with its test extras.
 # Extra arguments go to pytest: scripts/test.sh -k blobs -x
 set -euo pipefail
@@ -13,6 +13,7 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v ctr >/dev/null || need+=(containerd)
 command -v chromium >/dev/null || need+=(chromium)
+command -v openssl >/dev/null || need+=(openssl)  # reference hashes for the htpasswd tests
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "==> installing Debian packages: ${need[*]}"

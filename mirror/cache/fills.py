@@ -13,7 +13,8 @@ import asyncio
 import logging
 
 from ..storage.blobs import BlobStore
-from .fill import OVERFLOW_LIMIT, Fill, Opener, Overflow, Partial
+from . import fill as fill_module
+from .fill import Fill, Opener, Overflow, Partial
 
 log = logging.getLogger("mirror")
 
@@ -28,7 +29,9 @@ class Fills:
         self.store = store
         self.active: dict[str, Fill] = {}
         self.partials: dict[str, Partial] = {}  # oldest first
-        self.overflow = Overflow(OVERFLOW_LIMIT if overflow_limit is None else overflow_limit)
+        # Read at construction from fill.py, where the bound is defined (and tests set it).
+        limit = fill_module.OVERFLOW_LIMIT if overflow_limit is None else overflow_limit
+        self.overflow = Overflow(limit)
         self._tasks: set[asyncio.Task] = set()
 
     def join(self, digest: str, open_body: Opener, route: str = "") -> tuple[Fill, int]:
