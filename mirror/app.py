@@ -53,7 +53,7 @@ def make_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(_api_version)
     app.on_response_prepare.append(metrics.on_response_prepare)
-    logs.install(app, config.server.log_format)
+    logs.install(app)
     routes.setup(app)
     return app
 

@@ -61,7 +61,7 @@ def new_id(request: web.BaseRequest) -> str:
     return f"{_prefix}{next(_counter):08x}"
 
 
-def install(app: web.Application, log_format: str) -> None:
+def install(app: web.Application) -> None:
     """Give every response an X-Request-Id, and every log line of a request that id."""
     _tag_records()
     app.middlewares.insert(0, _bind)

@@ -74,12 +74,6 @@ def loud(caplog, request_id=None):
             and (request_id is None or getattr(r, "request_id", None) == request_id)]
 
 
-def big_layer(upstream):
-    alpine = upstream.images["library/alpine"]
-    digest = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
-    return digest, alpine.blobs[digest]
-
-
 async def settle(served, digest):
     while digest in served.proxy.fills.active:
         await asyncio.sleep(0.01)
@@ -87,8 +81,8 @@ async def settle(served, digest):
 
 
 async def test_client_leaving_mid_response_is_one_info_line_not_a_traceback(
-        served, http, upstream, records):
-    digest, data = big_layer(upstream)
+        served, http, upstream, records, big):
+    digest, data = big
     upstream.proxy.throttle(2 * MiB, match=digest)
     async with http.get(f"{served.url}/v2/library/alpine/blobs/{digest}") as resp:
         request_id = resp.headers["X-Request-Id"]
@@ -119,8 +113,8 @@ async def test_missing_blob_is_not_a_failed_fill(served, http, upstream, records
 
 
 async def test_upstream_down_is_one_warning_with_the_request_id(served, http, upstream,
-                                                                records):
-    digest, _ = big_layer(upstream)
+                                                                records, big):
+    digest, _ = big
     upstream.proxy.down()
     failed = metrics.FILLS_FAILED.total()
     async with http.get(f"{served.url}/v2/library/alpine/blobs/{digest}",
@@ -134,8 +128,8 @@ async def test_upstream_down_is_one_warning_with_the_request_id(served, http, up
 
 
 async def test_upstream_cut_mid_body_is_one_fill_warning_with_the_starters_id(
-        served, http, upstream, records):
-    digest, _ = big_layer(upstream)
+        served, http, upstream, records, big):
+    digest, _ = big
     async with http.get(f"{served.url}/v2/library/alpine/manifests/latest") as resp:
         assert resp.status == 200  # the token first: the cut must hit the body
     upstream.proxy.throttle(8 * MiB, match=digest)
@@ -153,7 +147,7 @@ async def test_upstream_cut_mid_body_is_one_fill_warning_with_the_starters_id(
 def middleware_app(handler) -> web.Application:
     """The mirror's own error middleware and request ids around one handler of a test's."""
     app = web.Application(middlewares=[errors.middleware])
-    logs.install(app, "text")
+    logs.install(app)
     app.router.add_get("/x", handler)
     return app
 

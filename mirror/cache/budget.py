@@ -91,7 +91,8 @@ class Budget:
         """Write the clocks; evict when above the high watermark. (items, bytes) evicted."""
         await self.metadata.flush()
         await self.metadata.refresh_total()
-        self._extra_bytes = self._extra()
+        # A walk of uploads/ (a stat per upload): on a thread, not the event loop.
+        self._extra_bytes = await asyncio.get_running_loop().run_in_executor(None, self._extra)
         if self.max_size is None or self.used <= self.max_size * self.high:
             return 0, 0
         return await self.evict(int(self.max_size * self.low))

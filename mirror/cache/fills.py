@@ -70,7 +70,8 @@ class Fills:
 
     def partial_bytes(self) -> int:
         """Bytes the broken-off downloads kept for resuming hold on disk."""
-        return sum(partial.written for partial in self.partials.values())
+        # list() copies in one step under the GIL: the budget calls this from a thread.
+        return sum(partial.written for partial in list(self.partials.values()))
 
     def release_partials(self, bytes_needed: int) -> int:
         """Give up kept partial downloads, oldest first, until `bytes_needed` bytes are

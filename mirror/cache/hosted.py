@@ -61,13 +61,18 @@ class Hosted:
             raise NameUnknown(f"repository {name} is not known to this registry")
         return repo
 
+    def _known(self, name: str) -> None:
+        """NameUnknown unless `name` is hosted (from memory: no repository load)."""
+        if not self.exists(name):
+            raise NameUnknown(f"repository {name} is not known to this registry")
+
     def check_pushable(self, name: str) -> None:
         """Whether `name` may receive pushes (the rules that need no lookup: names.py)."""
         names.check_name(name, self.config, self.router, self.exists(name))
 
     # Blobs.
     async def blob_size(self, name: str, digest: str) -> int:
-        size = (await self.repository(name)).blobs.get(digest)
+        size = await self.metadata.hosted_blob(name, digest)
         if size is None or self.store.size(digest) is None:
             raise BlobUnknown(f"blob {digest} is not in {name}")
         return size
@@ -75,7 +80,7 @@ class Hosted:
     async def link_blob(self, name: str, digest: str) -> int | None:
         """Link a stored blob into `name` (creating the repository); its size, or None when
         the store does not hold it at the moment of linking."""
-        size = await self.metadata.link_blob(name, digest, None, self.store.size)
+        size = await self.metadata.link_blob(name, digest, self.store.size)
         if size is not None:
             self._names.add(name)
         return size
@@ -87,7 +92,7 @@ class Hosted:
 
     async def delete_blob(self, name: str, digest: str) -> None:
         self._deletable()
-        await self.repository(name)
+        self._known(name)
         if not await self.metadata.delete_hosted_blob(name, digest):
             raise BlobUnknown(f"blob {digest} is not in {name}")
 
@@ -143,9 +148,8 @@ class Hosted:
         return digest, subject
 
     async def manifest(self, name: str, reference: str) -> Manifest:
-        repo = await self.repository(name)
-        digest = reference if is_digest(reference) else repo.tags.get(reference)
-        if digest is None or digest not in repo.manifests:
+        digest = await self.metadata.hosted_manifest(name, reference)
+        if digest is None:
             raise ManifestUnknown(f"{name}:{reference} is not known to this registry")
         found = await self.index.manifest(digest)
         if found is None:
@@ -155,7 +159,7 @@ class Hosted:
 
     async def delete_manifest(self, name: str, reference: str) -> None:
         self._deletable()
-        await self.repository(name)
+        self._known(name)
         if not is_digest(reference):  # deleting a tag removes the tag, not the manifest
             if not await self.metadata.delete_hosted_tag(name, reference):
                 raise ManifestUnknown(f"{name}:{reference} is not known to this registry")
@@ -169,7 +173,7 @@ class Hosted:
 
     # Referrers (distribution-spec v1.1 "Listing Referrers").
     async def referrers(self, name: str, subject: str, artifact_type: str | None) -> list[dict]:
-        await self.repository(name)
+        self._known(name)
         return [d for d in await self.metadata.referrers(name, subject)
                 if artifact_type is None or d.get("artifactType") == artifact_type]
 

@@ -82,7 +82,7 @@ async def gc(config: cfg.Config, grace: float = 3600.0) -> Report:
     report = Report()
     storage = Storage(config)
     try:
-        Uploads(config.storage.root, storage.store, config.hosted.upload_ttl).expire()
+        Uploads(config.storage.root, storage.store, config.hosted.upload_ttl)  # expires them
         now = time.time()
         if lock.held(config.storage.root):
             report.skipped_spools = True
@@ -94,6 +94,7 @@ async def gc(config: cfg.Config, grace: float = 3600.0) -> Report:
                     path.unlink(missing_ok=True)
         metadata = storage.metadata
         held = await metadata.held_by_hosted()
+        known = {item.digest for item in await metadata.items()}  # one read, not one a blob
         linked_before = now - config.hosted.upload_ttl
         for path, digest in list(_blob_files(storage.store)):
             report.checked += 1
@@ -101,7 +102,7 @@ async def gc(config: cfg.Config, grace: float = 3600.0) -> Report:
                 stat = path.stat()
             except FileNotFoundError:  # evicted by the running server since the listing
                 continue
-            if await metadata.item(digest) is None:
+            if digest not in known:
                 # A file the ledger does not know: a commit whose ledger write is still
                 # queued looks the same for a moment, hence the grace on its age too.
                 if stat.st_mtime < now - grace and digest not in held:

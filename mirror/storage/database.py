@@ -57,8 +57,6 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 # How long a write waits for another process's transaction (an import) before failing.
-
-# How long a write waits for another process's transaction (an import) before failing.
 BUSY_TIMEOUT_MS = 15_000
 
 

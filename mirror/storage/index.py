@@ -41,13 +41,6 @@ class Index:
             self._remember(digest, found)
         return found
 
-    def hot_manifest(self, digest: str) -> tuple[str, bytes] | None:
-        """The manifest if the in-process tier holds it: no await on the hot path."""
-        found = self._hot.get(digest)
-        if found is not None:
-            self._hot.move_to_end(digest)
-        return found
-
     async def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         await self.metadata.put_manifest(digest, media_type, body, references(body))
         self._remember(digest, (media_type, body))
@@ -112,8 +105,14 @@ class Index:
             self._catalog.add(name)
 
     async def has_repository(self, name: str) -> bool:
-        """Whether the cache holds content of `name` (as a client pulls it back)."""
-        return await self.metadata.has_repository(name)
+        """Whether the cache holds content of `name` (as a client pulls it back). Names are
+        only ever added to the catalog, so a yes is remembered: no query next time."""
+        if name in self._catalog:
+            return True
+        if await self.metadata.has_repository(name):
+            self._catalog.add(name)
+            return True
+        return False
 
     async def repository_names(self) -> list[str]:
         return await self.metadata.repository_names()

@@ -143,7 +143,16 @@ class Metadata(abc.ABC):
     async def hosted(self, name: str) -> HostedRepository | None: ...
 
     @abc.abstractmethod
-    async def link_blob(self, name: str, digest: str, size: int | None,
+    async def hosted_blob(self, name: str, digest: str) -> int | None:
+        """The size of a blob linked into hosted repository `name`, or None."""
+
+    @abc.abstractmethod
+    async def hosted_manifest(self, name: str, reference: str) -> str | None:
+        """The digest a hosted repository's tag or digest reference names, or None.
+        (One row read: a pull must not load a repository's every tag.)"""
+
+    @abc.abstractmethod
+    async def link_blob(self, name: str, digest: str,
                         exists: Callable[[str], int | None]) -> int | None:
         """Link a stored blob into a hosted repository (push-to-create); its size, or None
         when `exists(digest)` finds no such blob at the moment of linking (a mount of a

@@ -131,10 +131,26 @@ class SqliteMetadata(Ledger, Metadata):
                                 (name,))))
         return await self._run(read)
 
+    async def hosted_blob(self, name: str, digest: str) -> int | None:
+        row = await self._run(self._one, "SELECT size FROM hosted_blobs WHERE name = ? AND "
+                              "digest = ?", name, digest)
+        return row[0] if row is not None else None
+
+    async def hosted_manifest(self, name: str, reference: str) -> str | None:
+        if ":" in reference:  # a digest: tags hold no colon
+            sql, args = ("SELECT digest FROM hosted_manifests WHERE name = ? AND digest = ?",
+                         (name, reference))
+        else:
+            sql, args = ("SELECT t.digest FROM hosted_tags t JOIN hosted_manifests m ON "
+                         "m.name = t.name AND m.digest = t.digest WHERE t.name = ? AND "
+                         "t.tag = ?", (name, reference))
+        row = await self._run(self._one, sql, *args)
+        return row[0] if row is not None else None
+
     def _create(self, db: sqlite3.Connection, name: str) -> None:
         db.execute("INSERT OR IGNORE INTO hosted_repositories VALUES (?, ?)", (name, time.time()))
 
-    async def link_blob(self, name: str, digest: str, size: int | None,
+    async def link_blob(self, name: str, digest: str,
                         exists: Callable[[str], int | None]) -> int | None:
         def link() -> int | None:
             with self._tx() as db:
