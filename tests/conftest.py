@@ -82,6 +82,14 @@ async def mirror(start_mirror) -> Mirror:
 
 
 @pytest.fixture
+def big(upstream):
+    """The ~3 MiB incompressible alpine layer, and its bytes."""
+    alpine = upstream.images["library/alpine"]
+    digest = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
+    return digest, alpine.blobs[digest]
+
+
+@pytest.fixture
 async def http():
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session

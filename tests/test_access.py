@@ -59,6 +59,11 @@ async def test_ping_challenges_until_logged_in_and_wrong_passwords_get_401(start
 
 async def test_anonymous_pull_on_push_only_for_push_users(start_mirror, http, upstream, htpasswd):
     mirror = await start_mirror(access=cfg.Access(htpasswd=htpasswd, push_users=("alice",)))
+    # Docker sends credentials only after its ping was challenged: the ping must still be.
+    status, headers, _ = await request(http, "GET", f"{mirror.url}/v2/")
+    assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="mirror"'
+    status, _, _ = await request(http, "GET", f"{mirror.url}/v2/", ALICE)
+    assert status == 200
     url = f"{mirror.url}/v2/team/app/manifests/2.0"
     status, _, body = await request(http, "GET", url)
     assert (status, body) == (200, upstream.images["team/app"].manifest)

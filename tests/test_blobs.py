@@ -11,14 +11,6 @@ from tests.conftest import fetched
 MiB = 1 << 20
 
 
-@pytest.fixture
-def big(upstream):
-    """The ~3 MiB incompressible alpine layer, and its bytes."""
-    alpine = upstream.images["library/alpine"]
-    digest = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
-    return digest, alpine.blobs[digest]
-
-
 async def pulled_manifest(mirror, http):
     """A pull starts with the manifest: it puts the repository in the cache, so the mirror
     asks the upstream about the repository's blobs (a name with nothing cached answers

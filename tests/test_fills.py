@@ -22,14 +22,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def big(upstream):
-    """The ~3 MiB incompressible alpine layer, and its bytes."""
-    alpine = upstream.images["library/alpine"]
-    digest = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
-    return digest, alpine.blobs[digest]
-
-
-@pytest.fixture
 def quay(upstream):
     """A second fault proxy in front of the test registry, for quay.io only."""
     proxy = FaultProxy(upstream.registry_url).start(upstream.thread)

@@ -72,14 +72,6 @@ def test_an_empty_blob_ignores_ranges():
 
 # -- over HTTP, on a committed blob and on one still arriving ----------------------------
 
-@pytest.fixture
-def big(upstream):
-    """The ~3 MiB incompressible alpine layer, and its bytes."""
-    alpine = upstream.images["library/alpine"]
-    digest = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
-    return digest, alpine.blobs[digest]
-
-
 async def answer(http, url, range_header):
     async with http.get(url, headers={"Range": range_header}) as resp:
         return resp.status, resp.headers, await resp.read()

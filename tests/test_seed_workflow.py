@@ -55,13 +55,14 @@ def read_dir(path: Path) -> dict[str, bytes]:
 def docker_hub_401(upstream) -> None:
     """Every upstream answer is Docker Hub's for a repository that does not exist."""
     challenge = (f'Bearer realm="{upstream.token_url}",service="{upstream.tokens.service}",'
-                 f'scope="repository:library/{NAME}:pull",error="insufficient_scope"')
+                 f'scope="repository:library/{NAME}:pull"')
     body = json.dumps({"errors": [{"code": "UNAUTHORIZED", "message": "authentication required",
                                    "detail": [{"Type": "repository", "Class": "",
                                                "Name": f"library/{NAME}",
                                                "Action": "pull"}]}]}).encode()
     upstream.proxy.status(401, {"WWW-Authenticate": challenge,
-                                "Content-Type": "application/json"}, body)
+                                "Content-Type": "application/json",
+                                "Docker-Distribution-API-Version": "registry/2.0"}, body)
 
 
 SETUPS = {
@@ -94,6 +95,18 @@ async def test_seed_push_catalog_and_pull_from_another_host_never_ask_upstream(
     pulled = (tmp_path / "pulled" / "manifest.json").read_bytes()
     assert sha256(pulled) == image.digest and pulled == image.manifest
     assert read_dir(tmp_path / "pulled") == image.blobs
+    # docker push of a second image mounts the layers it pushed before (from=newhello),
+    # and tries a mount from a repository never cached: 202, an upload, still no upstream.
+    layer = max(image.blobs, key=lambda d: len(image.blobs[d]))
+    async with http.post(f"{mirror.url}/v2/{NAME}2/blobs/uploads/?mount={layer}&from={NAME}"
+                         ) as resp:
+        assert resp.status == 201 and resp.headers["Docker-Content-Digest"] == layer
+    async with http.get(f"{mirror.url}/v2/{NAME}2/blobs/{layer}") as resp:
+        assert await resp.read() == image.blobs[layer]
+    absent = "sha256:" + "7" * 64
+    async with http.post(f"{mirror.url}/v2/{NAME}2/blobs/uploads/?mount={absent}"
+                         "&from=library/alpine") as resp:
+        assert resp.status == 202 and "Location" in resp.headers
     assert upstream.proxy.records == [] and upstream.tokens.requests == []
     stored = sorted(p.name for p in mirror.blob_files())
     assert stored == sorted(d.removeprefix("sha256:") for d in image.blobs)
