@@ -154,3 +154,25 @@ async def test_the_upstreams_own_origin_is_not_rewritten():
 async def test_only_http_and_https(target):
     with pytest.raises(Unavailable, match="only http and https"):
         await public_upstream().targets(URL(target))
+
+
+async def test_a_cdn_host_is_resolved_once_not_once_per_blob(monkeypatch):
+    # Every Docker Hub blob is redirected to its CDN: the answer is reused (as the
+    # connector's DNS cache would), and still checked against the policy on every use.
+    import asyncio
+    loop = asyncio.get_running_loop()
+    lookups = []
+    real = loop.getaddrinfo
+
+    async def counted(host, *args, **kwargs):
+        lookups.append(host)
+        return await real(host, *args, **kwargs)
+    monkeypatch.setattr(loop, "getaddrinfo", counted)
+    policy = Destinations("up", URL("http://127.0.0.1:5000"))
+    for n in range(5):
+        targets = await policy.targets(URL(f"http://localhost:9000/blob{n}?sig=x"))
+        assert all(t.url.host in ("127.0.0.1", "::1") and t.host == "localhost:9000"
+                   for t in targets)
+    assert lookups == ["localhost"]
+    with pytest.raises(Unavailable, match="refused before connecting"):  # checked each use
+        await public_upstream().targets(URL("http://localhost:9000/blob"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 
 from yarl import URL
@@ -77,6 +78,11 @@ def literal(host: str) -> Address | None:
         return None
 
 
+# As the upstream session's connector (ttl_dns_cache=300); a few hosts per upstream.
+RESOLVED_SECONDS = 300.0
+RESOLVED_MAX = 256
+
+
 class Destinations:
     """The policy for one upstream, whose configured base URL is `base`."""
 
@@ -84,6 +90,10 @@ class Destinations:
         self.name = name
         self.base = base
         self._home: frozenset[str] | None = None  # the kinds of the upstream's own addresses
+        # Answers of the resolver, as the connector's own DNS cache keeps them: every blob
+        # of Docker Hub is redirected to its CDN, and one lookup per blob would be waste.
+        # What comes from here is checked against the policy on every use all the same.
+        self._resolved: dict[tuple[str, int | None], tuple[float, list[Address]]] = {}
 
     async def targets(self, url: URL, what: str = "redirected to") -> list[Target]:
         """The checked ways to reach `url`, in the resolver's order; raise Unavailable if
@@ -113,6 +123,16 @@ class Destinations:
     async def _resolve(self, host: str, port: int | None, what: str) -> list[Address]:
         if (address := literal(host)) is not None:
             return [address]
+        cached = self._resolved.get((host, port))
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        addresses = await self._lookup(host, port, what)
+        if len(self._resolved) >= RESOLVED_MAX:
+            self._resolved.pop(next(iter(self._resolved)))
+        self._resolved[host, port] = (time.monotonic() + RESOLVED_SECONDS, addresses)
+        return addresses
+
+    async def _lookup(self, host: str, port: int | None, what: str) -> list[Address]:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM)
