@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from .. import config as cfg
+from ..cache.flights import Flights
 from ..errors import Denied, TooManyRequests, Unauthorized, Unsupported
 from .htpasswd import dummy_entry, read_htpasswd, verify
 
@@ -155,7 +156,8 @@ class Access:
         # Threads start on the first check; two keep a password flood off blob writes.
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mirror-login")
         self._verified: OrderedDict[bytes, float] = OrderedDict()
-        self._checks: dict[bytes, asyncio.Future[bool]] = {}
+        # Concurrent requests with the same credentials (a fleet starting) share one check.
+        self._checks = Flights()
 
     async def user(self, request: web.Request) -> str | None:
         """The logged-in user, None when anonymous; Unauthorized for wrong credentials."""
@@ -186,17 +188,12 @@ class Access:
                              (entry.hashed.encode() if entry else b"")).digest()
         if entry is not None and self._verified.get(key, 0.0) > time.monotonic():
             return True
-        check = self._checks.get(key)
-        if check is None:
-            if len(self._checks) >= PENDING_CHECKS:
-                raise TooManyRequests("too many logins are being checked; try again",
-                                      headers={"Retry-After": "1"})
-            check = asyncio.get_running_loop().run_in_executor(
-                self.executor, verify, entry or self._dummy, password)
-            # Concurrent requests with the same credentials (a fleet starting) share one check.
-            self._checks[key] = check
-            check.add_done_callback(lambda _: self._checks.pop(key, None))
-        ok = await asyncio.shield(check) and entry is not None
+        if key not in self._checks and len(self._checks) >= PENDING_CHECKS:
+            raise TooManyRequests("too many logins are being checked; try again",
+                                  headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        ok = await self._checks.run(key, lambda: loop.run_in_executor(
+            self.executor, verify, entry or self._dummy, password)) and entry is not None
         if ok:
             self._verified[key] = time.monotonic() + REMEMBER_SECONDS
             self._verified.move_to_end(key)

@@ -19,6 +19,10 @@ class Flights:
     def __len__(self) -> int:
         return len(self._running)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether a call for `key` is running (joining it costs nothing new)."""
+        return key in self._running
+
     async def run(self, key: Hashable, call: Callable[[], Awaitable[Any]]) -> Any:
         future = self._running.get(key)
         if future is None:
