@@ -73,6 +73,12 @@ class Route:
         """The cache's name for this repository; `alpine` and `library/alpine` share it."""
         return f"{self.upstream.name}/{self.name}"
 
+    @property
+    def catalog_name(self) -> str:
+        """The name a client pulls this repository back by (in `_catalog`): the default
+        upstream's names as they are, any other upstream's with its name in front."""
+        return self.name if self.upstream.default else self.key
+
 
 class Router:
     def __init__(self, upstreams: tuple[cfg.Upstream, ...]):

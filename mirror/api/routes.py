@@ -192,7 +192,7 @@ async def _cached(request: web.Request, proxy: Proxy) -> bool:
         target = route(request)
     except NameUnknown:  # no default upstream: nothing is cached under this name
         return False
-    return await proxy.index.has_repository(proxy.catalog_name(target))
+    return await proxy.index.has_repository(target.catalog_name)
 
 
 async def tags_list(request: web.Request) -> web.Response:

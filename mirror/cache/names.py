@@ -64,7 +64,7 @@ async def check_not_cached(name: str, router: Router, index: Index) -> None:
         route = router.route(name)
     except NameUnknown:
         return  # no default upstream: nothing could be shadowed
-    if not route.upstream.default or not await index.has_repository(route.name):
+    if not route.upstream.default or not await index.has_repository(route.catalog_name):
         return
     upstream = route.upstream.name
     if route.name != name:  # newhello on Docker Hub is library/newhello

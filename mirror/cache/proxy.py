@@ -185,7 +185,7 @@ class Proxy:
                                   f"{route.name}:{reference} that does not match {expected}")
         digest = parse_digest(expected or computed)
         if await self._keep(self.index.put_manifest(digest, media_type, body)):
-            await self._keep(self.index.add_repository(self.catalog_name(route)))
+            await self._keep(self.index.add_repository(route.catalog_name))
         return Manifest(digest, media_type, len(body), body)
 
     async def _keep(self, write: Awaitable[None]) -> bool:
@@ -262,7 +262,7 @@ class Proxy:
                 break
         result = sorted(tags)
         if await self._keep(self.index.put_tag_list(route.key, result)):
-            await self._keep(self.index.add_repository(self.catalog_name(route)))
+            await self._keep(self.index.add_repository(route.catalog_name))
         return result
 
     async def referrers(self, route: Route, digest: str, artifact_type: str | None) -> Answer:
@@ -272,10 +272,6 @@ class Proxy:
             path += "?" + urlencode({"artifactType": artifact_type})
         return await upstream.fetch("GET", path, name=route.name, not_found=ManifestUnknown,
                                     accept=[OCI_INDEX])
-
-    def catalog_name(self, route: Route) -> str:
-        """The name a client pulls this repository back by: prefixed unless default."""
-        return route.name if route.upstream.default else f"{route.upstream.name}/{route.name}"
 
 
 def _media_type(answer: Answer) -> str:

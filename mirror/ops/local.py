@@ -68,11 +68,6 @@ def full_reference(route: Route, reference: str) -> str:
     return f"{route.key}{'@' if is_digest(reference) else ':'}{reference}"
 
 
-def catalog_name(route: Route) -> str:
-    """The name a client pulls a cached repository back by (as Proxy.catalog_name)."""
-    return route.name if route.upstream.default else route.key
-
-
 class Storage:
     """Metadata, index and blob store of `config.storage.root`, for one command's lifetime.
     (housekeeping.gc opens uploads too, which expires them: not for read-only tools.)"""

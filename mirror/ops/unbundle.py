@@ -33,7 +33,6 @@ from .bundle import REF_NAME
 from .local import (
     CommandError,
     Storage,
-    catalog_name,
     human_size,
     image_blobs,
     parse_image,
@@ -260,5 +259,5 @@ async def _store(plan: Plan, received: Received, storage: Storage) -> int:
             record = TagRecord(digest, media_type, len(body), now)
             await storage.index.put_tag(route.key, tag, accept_class, record)
     for route in plan.routes:
-        await storage.index.add_repository(catalog_name(route))
+        await storage.index.add_repository(route.catalog_name)
     return new
