@@ -331,6 +331,7 @@ header_value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), ma
        st.binary(max_size=16))
 @example("0-" + "9" * 5000, b"x")
 @example("bytes=0-1", b"xy")
+@example("0-10737418240", b"")  # announces one byte past hosted.max_upload_size: 413
 def test_upload_content_range_is_accepted_or_a_typed_error(api, content_range, chunk):
     status, headers, _ = api("POST", "/v2/fuzz/uploads/blobs/uploads/")
     assert status == 202
@@ -340,12 +341,16 @@ def test_upload_content_range_is_accepted_or_a_typed_error(api, content_range, c
             "Content-Range": content_range, "Content-Type": "application/octet-stream"})
     finally:
         api("DELETE", location)  # uploads per client are limited
-    assert status in (202, 400, 416, 431), (status, body)
+    assert status in (202, 400, 413, 416, 431), (status, body)
     if status == 202:
         if content_range.strip(" \t"):  # an empty header is no range at all
             m = re.fullmatch(r"(?:bytes[ =])?([0-9]+)-([0-9]+)", content_range.strip())
             assert m and int(m.group(1)) == 0 and int(m.group(2)) == len(chunk) - 1
         assert headers["range"] == f"0-{max(len(chunk) - 1, 0)}"
+    elif status == 413:  # a range that ends past hosted.max_upload_size (10 GiB)
+        m = re.fullmatch(r"(?:bytes[ =])?([0-9]+)-([0-9]+)", content_range.strip())
+        assert m and int(m.group(2)) + 1 > 10 << 30
+        assert is_oci_error(status, headers, body, {"BLOB_UPLOAD_INVALID"})
     elif status == 431:  # the header itself is past limits.max_field_size
         assert len(content_range) > 8000
         assert is_oci_error(status, headers, body, {"UNSUPPORTED"})
