@@ -122,10 +122,7 @@ class Hosted:
             target = descriptor.get("digest")
             if not isinstance(target, str):
                 raise ManifestInvalid("a descriptor in the manifest has no digest")
-            algorithm, _, encoded = target.partition(":")
-            if algorithm not in DIGEST_HEX or not DIGEST_HEX[algorithm].fullmatch(encoded):
-                # Checked before it names a file: "../../etc/passwd" is no digest.
-                raise ManifestInvalid(f"{target[:100]!r} in the manifest is not a digest")
+            _check_digest(target)  # before it names a file: "../../etc/passwd" is no digest
             refs.append(target)
             if media_type in LIST_TYPES:
                 if target not in repo.manifests:
@@ -138,6 +135,8 @@ class Hosted:
         subject = document.get("subject", {}).get("digest") \
             if isinstance(document.get("subject"), dict) else None
         subject = subject if isinstance(subject, str) else None
+        if subject is not None:
+            _check_digest(subject)  # it goes out in the OCI-Subject header, and into a key
         await self.metadata.push_manifest(ManifestPush(
             name, digest, media_type, body, refs, links,
             ([] if is_digest(reference) else [reference]) + tags, subject,
@@ -180,6 +179,13 @@ class Hosted:
     def _deletable(self) -> None:
         if not self.config.delete:
             raise Unsupported("deleting is disabled here (hosted.delete = false)")
+
+
+def _check_digest(value: str) -> None:
+    """MANIFEST_INVALID unless `value`, from a pushed manifest, is a digest."""
+    algorithm, _, encoded = value.partition(":")
+    if algorithm not in DIGEST_HEX or not DIGEST_HEX[algorithm].fullmatch(encoded):
+        raise ManifestInvalid(f"{value[:100]!r} in the manifest is not a digest")
 
 
 def _references(document: dict, media_type: str) -> list[dict]:
