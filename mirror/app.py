@@ -7,9 +7,12 @@ context, so they are created when the server starts and closed when it stops, in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import socket
 import ssl
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -29,8 +32,14 @@ from .storage.blobs import BlobStore
 from .storage.index import Index
 from .storage.lock import ServerLock
 from .storage.memory import Memory
+from .storage.metadata import Metadata
 from .storage.sqlite import SqliteMetadata
 from .storage.uploads import Uploads
+
+if TYPE_CHECKING:  # the cluster's parts are imported only when a cluster is configured
+    from .cluster.lease import Lease
+    from .cluster.replicas import Replicas
+    from .storage.object_uploads import ObjectUploads
 from .upstream.client import Upstream
 from .upstream.slots import Shared
 
@@ -60,17 +69,16 @@ def make_app(config: Config) -> web.Application:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    memory = Memory()
-    metadata = SqliteMetadata(config.storage.root)
     lock = ServerLock(config.storage.root)  # gc leaves our spools alone
-    store = BlobStore(config.storage.root, metadata)
+    try:
+        parts = await (_shared_parts(config) if config.cluster.redis else _local_parts(config))
+    except BaseException:
+        lock.release()
+        raise
+    metadata, store, memory = parts.metadata, parts.store, parts.memory
     store.remove_spools()
-    index = Index(metadata, memory)
+    index = Index(metadata, memory, store.remote)
     fills = Fills(store)
-    reconciled = await housekeeping.reconcile(store, metadata)
-    if reconciled.entered or reconciled.forgotten:
-        log.info("reconciled the ledger with the disk: %d stored items entered, %d missing "
-                 "ones forgotten", reconciled.entered, reconciled.forgotten)
     # auto_decompress off: blobs and manifests are hashed and served exactly as sent.
     session = aiohttp.ClientSession(
         auto_decompress=False,
@@ -83,30 +91,116 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     upstreams = {u.name: Upstream(u, config.limits, session, memory, slots)
                  for u in config.upstreams}
     app[PROXY] = Proxy(upstreams, index, store, fills, offline=config.server.offline)
-    app[HOSTED] = await Hosted.open(index, store, config.hosted, app[ROUTER])
-    app[UPLOADS] = Uploads(config.storage.root, store, config.hosted.upload_ttl,
-                           max_size=config.hosted.max_upload_size,
-                           per_client=config.hosted.max_uploads_per_client)
-    uploads = app[UPLOADS]
-    app[BUDGET] = Budget(config.storage, index, store,
-                         in_flight=lambda digest: digest in fills.active,
-                         extra=lambda: fills.partial_bytes() + uploads.total_bytes(),
-                         release=fills.release_partials,
-                         link_grace=config.hosted.upload_ttl)
+    app[HOSTED] = await Hosted.open(index, store, config.hosted, app[ROUTER],
+                                    shared=parts.redis is not None)
+    uploads = app[UPLOADS] = parts.uploads
+    # Bytes the ledger does not count: resumable spools on this disk (not with S3, whose
+    # budget is the bucket's) and uploads in progress.
+    extra = (uploads.total_bytes if store.remote is not None
+             else lambda: fills.partial_bytes() + uploads.total_bytes())
+    app[BUDGET] = budget = Budget(config.storage, index, store,
+                                  in_flight=lambda digest: digest in fills.active,
+                                  extra=extra, release=fills.release_partials,
+                                  link_grace=config.hosted.upload_ttl, lease=parts.lease,
+                                  replicas=parts.replicas)
+    if store.tier is not None:
+        store.tier.in_use = budget.held
+    if parts.replicas is not None:
+        parts.replicas.holds = lambda: list(budget.readers)
     log.info("serving %s with data in %s; upstreams: %s", config.server.listen,
-             store.root.resolve(), ", ".join(
+             parts.where, ", ".join(
                  f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams))
-    background = [asyncio.ensure_future(app[UPLOADS].expire_forever()),
-                  asyncio.ensure_future(app[BUDGET].run_forever())]
+    background = [asyncio.ensure_future(uploads.expire_forever()),
+                  asyncio.ensure_future(budget.run_forever())]
+    if parts.replicas is not None:
+        background.append(asyncio.ensure_future(_beat_forever(parts.replicas)))
     yield
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
     await fills.close()
     await session.close()
+    if parts.replicas is not None:
+        await parts.replicas.leave()
     await memory.close()
     await metadata.close()
+    if store.remote is not None:
+        await store.remote.close()
+    if parts.redis is not None:
+        await parts.redis.aclose()
     lock.release()
+
+
+@dataclass
+class _Parts:
+    """What storage is made of: one node's disk, or the cluster's Redis and bucket."""
+
+    metadata: Metadata
+    store: BlobStore
+    memory: Memory
+    uploads: Uploads | ObjectUploads
+    where: str  # for the startup line
+    redis: Any = None
+    lease: Lease | None = None
+    replicas: Replicas | None = None
+
+
+async def _local_parts(config: Config) -> _Parts:
+    metadata = SqliteMetadata(config.storage.root)
+    store = BlobStore(config.storage.root, metadata)
+    reconciled = await housekeeping.reconcile(store, metadata)
+    if reconciled.entered or reconciled.forgotten:
+        log.info("reconciled the ledger with the disk: %d stored items entered, %d missing "
+                 "ones forgotten", reconciled.entered, reconciled.forgotten)
+    uploads = Uploads(config.storage.root, store, config.hosted.upload_ttl,
+                      max_size=config.hosted.max_upload_size,
+                      per_client=config.hosted.max_uploads_per_client)
+    return _Parts(metadata, store, Memory(), uploads, str(store.root.resolve()))
+
+
+async def _shared_parts(config: Config) -> _Parts:
+    """S3 for the bytes, Redis for the metadata, the memory tier, uploads and the lease."""
+    from redis.asyncio import from_url
+
+    from .cluster.lease import Lease
+    from .cluster.replicas import Replicas
+    from .storage.object_uploads import ObjectUploads
+    from .storage.redis_metadata import RedisMetadata
+    from .storage.s3 import ObjectStore, S3Settings
+
+    cluster, storage = config.cluster, config.storage
+    prefix = f"{cluster.name}:"
+    replica = cluster.replica or f"{socket.gethostname()}:{config.server.port}"
+    remote = await ObjectStore.open(S3Settings(**dataclasses.asdict(storage.s3)))
+    try:
+        metadata = await RedisMetadata.connect(cluster.redis, prefix)
+    except BaseException:
+        await remote.close()
+        raise
+    redis = from_url(cluster.redis, socket_connect_timeout=2, socket_timeout=5)
+    store = BlobStore(storage.root, metadata, remote, storage.local_cache_size)
+    if store.tier is not None:
+        await asyncio.get_running_loop().run_in_executor(None, store.tier.load)
+    uploads = ObjectUploads(store, redis, prefix, config.hosted.upload_ttl,
+                            max_size=config.hosted.max_upload_size,
+                            per_client=config.hosted.max_uploads_per_client)
+    lease = Lease(redis, f"{prefix}lease:evict", replica, ttl=30.0)
+    replicas = Replicas(redis, prefix, replica)
+    where = (f"s3 bucket {storage.s3.bucket}{' under ' + storage.s3.prefix if storage.s3.prefix else ''}"
+             f" at {storage.s3.endpoint or 'AWS'}, metadata in Redis (cluster {cluster.name}, "
+             f"replica {replica}), local tier {store.tier.limit if store.tier else 0} bytes in "
+             f"{store.root.resolve()}")
+    return _Parts(metadata, store, Memory(cluster.redis, f"{prefix}memory:"), uploads, where,
+                  redis, lease, replicas)
+
+
+async def _beat_forever(replicas: Replicas) -> None:
+    """The replica's heartbeat, with the blobs its responses are sending now."""
+    from .cluster.replicas import BEAT
+
+    while True:
+        await replicas.beat()
+        await asyncio.sleep(BEAT)
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         config = cfg.load(args.config)
     except cfg.ConfigError as e:
         sys.exit(f"mirror: config error: {e}")
+    if config.storage.backend != "filesystem" and args.command in (*CACHE_COMMANDS, "gc",
+                                                                     "verify"):
+        sys.exit(f"mirror: `mirror {args.command}` works on the filesystem backend only; this "
+                 f"config has storage.backend = \"{config.storage.backend}\" (a cluster). Run it "
+                 "with a config for a single node, or use the registry API of a replica")
     if args.command == "serve":
         _serve(config)
     elif args.command == "user":
@@ -191,6 +196,7 @@ def _serve(config: cfg.Config) -> None:
 
     from . import logs
     from .app import make_app, ssl_context
+    from .errors import StorageError
 
     access_log_class = logs.setup(config.server.log_format)
     access_log = logging.getLogger("aiohttp.access") if config.server.access_log else None
@@ -212,6 +218,9 @@ def _serve(config: cfg.Config) -> None:
         app = make_app(config)
     except cfg.ConfigError as e:  # an htpasswd entry refused at load, naming its line
         sys.exit(f"mirror: config error: {e}")
-    web.run_app(app, host=config.server.host, port=config.server.port,
-                access_log=access_log, access_log_class=access_log_class,
-                access_log_format=ACCESS_LOG, ssl_context=tls, print=None)
+    try:
+        web.run_app(app, host=config.server.host, port=config.server.port,
+                    access_log=access_log, access_log_class=access_log_class,
+                    access_log_format=ACCESS_LOG, ssl_context=tls, print=None)
+    except StorageError as e:  # at start: the bucket or Redis of a cluster config
+        sys.exit(f"mirror: cannot start: {e.message}")

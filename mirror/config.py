@@ -55,6 +55,48 @@ class Storage:
     low_watermark: float = 0.85
     # Content used more recently than this is never evicted (a client may be opening it).
     keep_recent: float = 10.0
+    # "filesystem": blobs are files under root. "s3": blobs are objects in [storage.s3]
+    # (the durable copy, shared by every replica), root holds only the local hot tier and
+    # spools; this needs [cluster] redis for the metadata the replicas share.
+    backend: str = "filesystem"
+    # With "s3": the bytes of hot blobs each replica keeps on its own disk, served by
+    # sendfile ("20GiB"); unset: none, every blob GET reads from the object store.
+    local_cache_size: int | None = None
+    s3: "S3" = field(default_factory=lambda: S3())
+
+
+@dataclass(frozen=True)
+class S3:
+    """[storage.s3]: an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, GCS, SeaweedFS)."""
+
+    # The service's URL ("http://minio:9000"); unset: AWS S3 in `region`.
+    endpoint: str | None = None
+    bucket: str = "mirror"
+    region: str = "us-east-1"
+    # Every key starts with this ("prod/"), so several mirrors can share a bucket.
+    prefix: str = ""
+    # Unset: botocore's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile,
+    # an instance role). Or MIRROR_STORAGE_S3_ACCESS_KEY / MIRROR_STORAGE_S3_SECRET_KEY.
+    access_key: str | None = None
+    secret_key: str | None = None
+    # Answer blob GETs with a 307 to a presigned URL of the object (as Distribution does):
+    # clients then fetch from the object store and replicas carry no blob bytes.
+    redirect: bool = False
+    # How long such a URL is valid.
+    redirect_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
+class Cluster:
+    # Several replicas share their metadata (tags, manifests, hosted repositories, upload
+    # sessions, the usage ledger) in this Redis ("redis://:password@redis:6379/0"); it
+    # must persist (appendonly yes). Unset: one node, metadata in SQLite under storage.root.
+    redis: str | None = None
+    # Every Redis key starts with "<name>:", so several clusters can share a Redis.
+    name: str = "mirror"
+    # This replica's name in the cluster (its status, its hold on blobs being read);
+    # unset: the host name and the listening port.
+    replica: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +228,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     hosted: Hosted = field(default_factory=Hosted)
     access: Access = field(default_factory=Access)
+    cluster: Cluster = field(default_factory=Cluster)
     upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS
 
     @property
@@ -198,7 +241,7 @@ class Config:
 KNOWN_REALM_HOSTS = {"registry-1.docker.io": ("auth.docker.io",),
                      "index.docker.io": ("auth.docker.io",)}
 # Keys whose values are never repeated in an error message.
-SECRET_KEYS = {"username", "password", "password_file"}
+SECRET_KEYS = {"username", "password", "password_file", "secret_key", "redis"}
 REALM_HOST = re.compile(r"(?:[a-z0-9]+(?:[.-][a-z0-9]+)*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 
 # An upstream name is a registry host (optionally with a port): it is the `ns=` value
@@ -209,7 +252,9 @@ DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
 
 SECTIONS = {"server": Server, "storage": Storage, "limits": Limits, "hosted": Hosted,
-            "access": Access}
+            "access": Access, "cluster": Cluster}
+# Tables inside a section: [storage.s3], set from the environment as MIRROR_STORAGE_S3_*.
+SUBSECTIONS = {("storage", "s3"): S3}
 
 
 def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -231,6 +276,12 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
     sections = {}
     for name, cls in SECTIONS.items():
         values = _table(data.get(name, {}), name)
+        for (section, sub), sub_cls in SUBSECTIONS.items():
+            if section == name:
+                where = f"{name}.{sub}"
+                sub_values = _table(values.pop(sub, {}), where)
+                sub_values.update(_env_section(environ, f"{name}_{sub}", sub_cls))
+                values[sub] = _build(sub_cls, sub_values, where)
         values.update(_env_section(environ, name, cls))
         sections[name] = _build(cls, values, name)
 
@@ -294,16 +345,24 @@ def _env_upstream(environ: Mapping[str, str], name: str) -> dict[str, str]:
 
 def _env_keys(environ: Mapping[str, str], prefix: str, cls: type,
               exclude: str = "") -> dict[str, str]:
-    """The fields of `cls` set by variables named prefix + FIELD; any other is an error."""
-    keys = {f.name.upper(): f.name for f in dataclasses.fields(cls) if f.name != exclude}
+    """The fields of `cls` set by variables named prefix + FIELD; any other is an error
+    (but a subsection's own: MIRROR_STORAGE_S3_* are [storage.s3]'s, not storage's)."""
+    tables = {sub for (_, sub) in SUBSECTIONS if sub in _field_names(cls)}
+    keys = {f.name.upper(): f.name for f in dataclasses.fields(cls)
+            if f.name != exclude and f.name not in tables}
+    nested = tuple(f"{prefix}{sub.upper()}_" for sub in tables)
     found = {}
     for var, value in environ.items():
-        if var.startswith(prefix):
+        if var.startswith(prefix) and not var.startswith(nested):
             key = var[len(prefix):]
             if key not in keys:
                 raise ConfigError(f"unknown config key in environment variable {var}")
             found[keys[key]] = value
     return found
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -348,6 +407,8 @@ def _convert(value: Any, type_: str, key: str) -> Any:
         return _duration(value, key)
     if type_ == "int | None":
         return _size(value, key)
+    if dataclasses.is_dataclass(value):  # a subsection, built already
+        return value
     if type_ == "tuple[str, ...]":
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -425,6 +486,7 @@ def _check(config: Config) -> None:
         raise ConfigError("storage.low_watermark must be below storage.high_watermark")
     if not config.storage.root:
         raise ConfigError("storage.root must not be empty")
+    _check_cluster(config)
     seen: dict[str, str] = {}
     for i, up in enumerate(config.upstreams):
         where = f"upstreams[{i}]"
@@ -451,6 +513,42 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{where}: set password or password_file, not both")
     if sum(u.default for u in config.upstreams) > 1:
         raise ConfigError("only one upstream may have default = true")
+
+
+def _check_cluster(config: Config) -> None:
+    storage, cluster = config.storage, config.cluster
+    if storage.backend not in ("filesystem", "s3"):
+        raise ConfigError(f"storage.backend must be \"filesystem\" or \"s3\", not "
+                          f"{storage.backend!r}")
+    if storage.backend == "s3" and cluster.redis is None:
+        raise ConfigError("storage.backend = \"s3\" needs cluster.redis: replicas that share a "
+                          "bucket must share its metadata (tags, manifests, the usage ledger) "
+                          "too; set cluster.redis = \"redis://host:6379/0\"")
+    if cluster.redis is not None and storage.backend != "s3":
+        raise ConfigError("cluster.redis needs storage.backend = \"s3\": replicas share blobs "
+                          "through an object store, not a local disk; set [storage.s3]")
+    if cluster.redis is not None:
+        try:
+            parts = urlsplit(cluster.redis)
+            parts.port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ConfigError("cluster.redis must be a redis:// or rediss:// URL "
+                              "(its value is not shown: it may hold a password)")
+    if storage.s3.endpoint is not None:
+        try:
+            parts = urlsplit(storage.s3.endpoint)
+            parts.port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("storage.s3.endpoint must be an http:// or https:// URL, not "
+                              f"{_without_userinfo(storage.s3.endpoint)!r}")
+    if not storage.s3.bucket:
+        raise ConfigError("storage.s3.bucket must not be empty")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", cluster.name):
+        raise ConfigError(f"cluster.name must be letters, digits, - and _, not {cluster.name!r}")
 
 
 def _without_userinfo(url: str) -> str:

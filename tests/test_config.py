@@ -226,3 +226,70 @@ def test_an_unreadable_url_is_a_config_error_naming_the_key(tmp_path, url):
     path = write(tmp_path, f'[[upstreams]]\nname = "docker.io"\nurl = "{url}"\n')
     with pytest.raises(cfg.ConfigError, match=r"upstreams\[0\]\.url"):
         cfg.load(path, environ={})
+
+
+CLUSTER = """
+[storage]
+backend = "s3"
+local_cache_size = "20GiB"
+[storage.s3]
+endpoint = "http://minio:9000"
+bucket = "images"
+prefix = "prod/"
+redirect = true
+redirect_ttl = "10m"
+[cluster]
+redis = "redis://:hunter2@redis:6379/0"
+name = "east"
+"""
+
+
+def test_cluster_keys_from_the_file_and_the_environment(tmp_path):
+    config = cfg.load(write(tmp_path, CLUSTER), environ={
+        "MIRROR_STORAGE_S3_ACCESS_KEY": "AKIDEXAMPLE", "MIRROR_STORAGE_S3_SECRET_KEY": "s3cret",
+        "MIRROR_CLUSTER_REPLICA": "pod-1", "MIRROR_STORAGE_S3_BUCKET": "other"})
+    s3 = config.storage.s3
+    assert (config.storage.backend, config.storage.local_cache_size) == ("s3", 20 << 30)
+    assert (s3.endpoint, s3.bucket, s3.prefix, s3.redirect, s3.redirect_ttl) == \
+        ("http://minio:9000", "other", "prod/", True, 600.0)
+    assert (s3.access_key, s3.secret_key) == ("AKIDEXAMPLE", "s3cret")
+    assert (config.cluster.redis, config.cluster.name, config.cluster.replica) == \
+        ("redis://:hunter2@redis:6379/0", "east", "pod-1")
+    # The defaults: one node on its own disk.
+    plain = cfg.load(None, environ={})
+    assert (plain.storage.backend, plain.cluster.redis, plain.storage.s3.bucket) == \
+        ("filesystem", None, "mirror")
+
+
+@pytest.mark.parametrize("text, environ, message", [
+    ('[storage]\nbackend = "s3"\n', {}, "needs cluster.redis"),
+    ('[cluster]\nredis = "redis://r:6379"\n', {}, 'needs storage.backend = "s3"'),
+    ('[storage]\nbackend = "nfs"\n', {}, 'storage.backend must be "filesystem" or "s3"'),
+    ("", {"MIRROR_STORAGE_S3_BUKET": "x"}, "MIRROR_STORAGE_S3_BUKET"),
+    ('[storage.s3]\nbukket = "x"\n', {}, "storage.s3.bukket"),
+    (CLUSTER.replace("http://minio:9000", "minio:9000"), {}, "storage.s3.endpoint must be"),
+    (CLUSTER.replace('name = "east"', 'name = "a b"'), {}, "cluster.name must be"),
+])
+def test_cluster_config_errors_name_the_key_and_the_fix(tmp_path, text, environ, message):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(write(tmp_path, text), environ=environ)
+    assert message in str(e.value)
+
+
+def test_a_bad_redis_url_is_refused_without_repeating_it(tmp_path):
+    text = CLUSTER.replace("redis://:hunter2@redis:6379/0", "http://:hunter2@redis")
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(write(tmp_path, text), environ={})
+    assert "cluster.redis must be a redis://" in str(e.value)
+    assert "hunter2" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", [["ls"], ["gc"], ["verify"], ["export", "-o", "x.tar", "team/app:v1"]])
+def test_commands_for_one_node_refuse_a_cluster_config_instead_of_reading_an_empty_disk(
+        tmp_path, command):
+    from mirror import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--config", write(tmp_path, CLUSTER), *command])
+    assert "works on the filesystem backend only" in str(e.value)
+    assert not (tmp_path / "data").exists()  # nothing was created under storage.root

@@ -27,8 +27,9 @@ async def pushable(request: web.Request) -> str:
         raise Unsupported(f"{request.path} is routed to an upstream registry, which is "
                           "read-only here; push to /v2/<name> without ?ns= instead")
     hosted = request.app[HOSTED]
+    known = await hosted.lookup(name)  # before the name rules, which differ for known names
     hosted.check_pushable(name)
-    if not hosted.exists(name):
+    if not known:
         await names.check_not_cached(name, request.app[ROUTER], request.app[PROXY].index)
     return name
 
@@ -41,13 +42,13 @@ async def start_upload(request: web.Request) -> web.Response:
         if await hosted.mount(name, digest, request.query.get("from")) is not None:
             return _blob_created(name, digest)
     digest = parse_digest(request.query["digest"]) if "digest" in request.query else None
-    upload = uploads.start(name, client=request.remote)
+    upload = await uploads.start(name, client=request.remote)
     if digest is not None:  # monolithic: POST with the whole blob
         try:
             await uploads.append(name, upload, request.content, None, request.content_length)
             return await _finish(request, name, upload, digest)
         finally:
-            uploads.cancel(name, upload)  # finished or failed: no upload record stays behind
+            await uploads.cancel(name, upload)  # finished or failed: no upload record stays behind
     return web.Response(status=202, headers=uploads.range_headers(name, upload, 0))
 
 
@@ -55,7 +56,7 @@ async def upload(request: web.Request) -> web.Response:
     name = await pushable(request)
     uploads, upload_id = request.app[UPLOADS], request.match_info["upload"]
     if request.method == "GET":
-        offset = uploads.offset(name, upload_id)
+        offset = await uploads.offset(name, upload_id)
         return web.Response(status=204, headers=uploads.range_headers(name, upload_id, offset))
     if request.method == "PATCH":
         offset = await uploads.append(name, upload_id, request.content,
@@ -70,8 +71,8 @@ async def upload(request: web.Request) -> web.Response:
                              request.content_length)
         return await _finish(request, name, upload_id, digest)
     if request.method == "DELETE":
-        uploads.offset(name, upload_id)
-        uploads.cancel(name, upload_id)
+        await uploads.offset(name, upload_id)
+        await uploads.cancel(name, upload_id)
         return web.Response(status=204)
     raise Unsupported(f"{request.method} is not part of the upload API")
 

@@ -43,6 +43,8 @@ from aiohttp import web
 from ..cache.fill import Fill, FillFailed
 from ..errors import BlobUnknown, RangeInvalid, Unavailable
 from ..keys import CONFIG
+from ..storage.blobs import BlobStore
+from ..storage.s3 import ObjectMissing, ObjectStoreUnavailable
 
 log = logging.getLogger("mirror")
 
@@ -208,6 +210,47 @@ async def fill_response(request: web.Request, fill: Fill, fd: int,
 
         return await _respond(request, headers, fill.size, ranges or [(0, fill.size)],
                               ranges is not None, send)
+
+
+async def object_response(request: web.Request, store: BlobStore, digest: str, size: int,
+                          headers: dict[str, str]) -> web.StreamResponse:
+    """A blob kept only in the object store (S3, no local tier), streamed through with the
+    client's Range passed on. The first range is opened before any header goes out, so an
+    object store that is down or lost the object is a clean 503 or 404; a read that breaks
+    later ends the response short, as a failed fill does."""
+    assert store.remote is not None
+    ranges = _ranges(request, size)
+    wanted = ranges or [(0, size)]
+    name = store.object_name(digest)
+
+    async def open_range(start: int, end: int):
+        try:
+            return await store.remote.read(name, start, end - 1)
+        except ObjectMissing:
+            store.forget_remote(digest)
+            raise BlobUnknown(f"blob {digest} is no longer in the object store") from None
+
+    first = await open_range(*wanted[0]) if size else None
+
+    async def send(response: web.StreamResponse, start: int, end: int | None) -> None:
+        nonlocal first
+        if end is None or end <= start:
+            return
+        body, first = (first, None) if first is not None else (await open_range(start, end),
+                                                                None)
+        try:
+            async for chunk in body:
+                await response.write(chunk)
+        except (ObjectStoreUnavailable, ObjectMissing) as e:
+            raise FillFailed(f"the object store's read broke off: {e}") from e
+        finally:
+            await body.close()
+
+    try:
+        return await _respond(request, headers, size, wanted, ranges is not None, send)
+    finally:
+        if first is not None:
+            await first.close()
 
 
 async def _verified(fill: Fill) -> int:

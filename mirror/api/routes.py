@@ -19,14 +19,15 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import metrics
+from ..cache.budget import Hold
 from ..cache.names import reserved
 from ..cache.proxy import Proxy
 from ..errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
-from ..keys import BUDGET, HOSTED, PROXY, ROUTER
+from ..keys import BUDGET, CONFIG, HOSTED, PROXY, ROUTER
 from ..media import OCI_INDEX
 from ..reference import TAG, Route, is_digest, parse_digest, parse_name
 from . import push, status
-from .responses import file_response, fill_response
+from .responses import file_response, fill_response, object_response
 
 
 def setup(app: web.Application) -> None:
@@ -79,14 +80,14 @@ def names_upstream(request: web.Request) -> bool:
     return "prefix" in request.match_info or "ns" in request.query
 
 
-def hosted(request: web.Request) -> str | None:
+async def hosted(request: web.Request) -> str | None:
     """The name, when the request is for a hosted repository: those win over the default
     upstream, never over a request that names an upstream, and never under a name the
     upstreams keep for themselves (one hosted before cache/names.py refused it)."""
     if names_upstream(request):
         return None
     name = parse_name(request.match_info["name"])
-    if not request.app[HOSTED].exists(name) or reserved(name, request.app[ROUTER]):
+    if not await request.app[HOSTED].lookup(name) or reserved(name, request.app[ROUTER]):
         return None
     return name
 
@@ -106,7 +107,7 @@ async def manifest(request: web.Request) -> web.Response:
         # needs to be asked.
         raise ManifestUnknown(f"{reference[:200]!r} is not a valid tag, so no manifest has it")
     head = request.method == "HEAD"
-    if name := hosted(request):
+    if name := await hosted(request):
         found = await request.app[HOSTED].manifest(name, reference)
         metrics.REPOSITORIES.add(name)
     else:
@@ -134,16 +135,16 @@ async def blob(request: web.Request) -> web.StreamResponse:
     headers = {"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream",
                "Accept-Ranges": "bytes"}
     if request.method == "HEAD":
-        name = hosted(request)
+        name = await hosted(request)
         size = await (request.app[HOSTED].blob_size(name, digest) if name
                       else _blob_head(request, proxy, digest))
         return web.Response(headers={**headers, "Content-Length": str(size)})
     # Held against eviction from the moment it is found stored until its last byte is out.
     hold = request.app[BUDGET].hold(digest)
     try:
-        if name := hosted(request):
+        if name := await hosted(request):
             size = await request.app[HOSTED].blob_size(name, digest)
-        elif (size := proxy.blob_size(digest)) is not None:
+        elif (size := await proxy.stored_size(digest)) is not None:
             metrics.CACHE_HITS.inc(1, "blob")
             request[metrics.CACHE_HIT] = True  # its bytes are counted when it is prepared
         else:
@@ -152,7 +153,30 @@ async def blob(request: web.Request) -> web.StreamResponse:
     except BaseException:
         hold.release()
         raise
-    return await file_response(request, proxy.store.path(digest), size, headers, hold)
+    return await stored_response(request, proxy, digest, size, headers, hold)
+
+
+async def stored_response(request: web.Request, proxy: Proxy, digest: str, size: int,
+                          headers: dict[str, str], hold: Hold) -> web.StreamResponse:
+    """A stored blob: from its local file by sendfile; else (S3) a redirect to the object,
+    a fill of the local tier from it, or the object's bytes streamed through."""
+    store = proxy.store
+    if store.remote is None or store.size(digest) is not None:
+        return await file_response(request, store.path(digest), size, headers, hold)
+    try:
+        if request.app[CONFIG].storage.s3.redirect:
+            url = await store.remote.presign_get(store.object_name(digest))
+            return web.Response(status=307, headers={**headers, "Location": url})
+        if store.tier is None:
+            return await object_response(request, store, digest, size, headers)
+    finally:
+        hold.release()
+    fill, fd = proxy.store_fill(digest)  # into the local tier, read by every reader as it grows
+    fill.readers += 1
+    try:
+        return await fill_response(request, fill, fd, headers)
+    finally:
+        fill.readers -= 1
 
 
 async def _blob_fill(request: web.Request, proxy: Proxy, digest: str,
@@ -180,7 +204,7 @@ async def _blob_head(request: web.Request, proxy: Proxy, digest: str) -> int:
     """
     if names_upstream(request) or await _cached(request, proxy):
         return await proxy.blob_head(route(request), digest)
-    size = proxy.blob_size(digest)
+    size = await proxy.stored_size(digest)
     if size is None:
         raise BlobUnknown(f"blob {digest} is not stored here")
     return size
@@ -197,7 +221,7 @@ async def _cached(request: web.Request, proxy: Proxy) -> bool:
 
 async def tags_list(request: web.Request) -> web.Response:
     count = _page_size(request)
-    if name := hosted(request):
+    if name := await hosted(request):
         tags = await request.app[HOSTED].tags(name)
     else:
         tags = await request.app[PROXY].tags(route(request))
@@ -210,7 +234,7 @@ async def catalog(request: web.Request) -> web.Response:
         request.app[ROUTER].upstream_for_prefix(request.match_info["prefix"])
     count = _page_size(request)
     cached = await request.app[PROXY].index.repository_names()
-    names = set(cached) | set(request.app[HOSTED].names())
+    names = set(cached) | set(await request.app[HOSTED].names())
     page, link = _paginate(request, sorted(names), count)
     return _json({"repositories": page}, link)
 
@@ -218,7 +242,7 @@ async def catalog(request: web.Request) -> web.Response:
 async def referrers(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
-    if name := hosted(request):
+    if name := await hosted(request):
         return _referrers_index(await request.app[HOSTED].referrers(name, digest, artifact_type),
                                 artifact_type)
     try:

@@ -31,11 +31,29 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """200 when a file can be created in <root>/tmp and the index answers a read; else 503
-    naming what failed. The checks run on a thread: a stuck disk must not stop the loop."""
+    naming what failed. The checks run on a thread: a stuck disk must not stop the loop.
+
+    With several replicas the shared stores (Redis, the object store) are checked too, but
+    their failure is "degraded", still 200: every replica shares them, so taking replicas
+    out of the load balancer would turn a partial outage (blobs by digest, stale tags still
+    served) into a whole one."""
     proxy = request.app[PROXY]
     loop = asyncio.get_running_loop()
-    checks = {"storage": lambda: loop.run_in_executor(None, _writable, proxy.store.tmp),
-              "index": proxy.index.metadata.check}
+    shared = proxy.store.remote is not None
+    checks = {"storage": lambda: loop.run_in_executor(None, _writable, proxy.store.tmp)}
+    degradable = {}
+    (degradable if shared else checks)["index"] = proxy.index.metadata.check
+    if shared:
+        degradable["object_store"] = proxy.store.remote.check
+    failed, degraded = await _run_checks(checks), await _run_checks(degradable)
+    if failed:
+        return _json({"status": "unready", "failed": {**failed, **degraded}}, status=503)
+    if degraded:
+        return _json({"status": "degraded", "degraded": degraded})
+    return _json({"status": "ok"})
+
+
+async def _run_checks(checks: dict) -> dict[str, str]:
     failed = {}
     for name, check in checks.items():
         try:
@@ -43,10 +61,8 @@ async def readyz(request: web.Request) -> web.Response:
         except TimeoutError:
             failed[name] = f"no answer within {READY_TIMEOUT:g}s"
         except Exception as e:  # whatever it is, the mirror cannot serve
-            failed[name] = f"{e.__class__.__name__}: {e}"
-    if failed:
-        return _json({"status": "unready", "failed": failed}, status=503)
-    return _json({"status": "ok"})
+            failed[name] = f"{e.__class__.__name__}: {getattr(e, 'message', e)}"
+    return failed
 
 
 def _writable(directory: Path) -> None:

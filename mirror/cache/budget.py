@@ -16,6 +16,11 @@ deletion (`Metadata.evict`), not from a snapshot of the pass: an item stays when
 - it was used in the last `storage.keep_recent` seconds, or a response found it stored
   and is sending it (`hold`), or a fill of it is in flight.
 
+With several replicas (S3 + Redis) the ledger and its total are the cluster's, every
+replica flushes its clocks into it, and one replica at a time evicts: the one holding the
+`evict` lease (cluster/lease.py), which it renews page by page. A blob another replica is
+sending (its heartbeat lists it, cluster/replicas.py) counts as in use.
+
 A manifest goes with every tag record that points to it, so no tag ever points to
 something deleted; its blobs become free to go in their own turn. A pass reads the
 ledger's oldest rows a page at a time through an index: its work grows with what it
@@ -28,12 +33,16 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .. import config as cfg
 from .. import metrics
 from ..storage.blobs import BlobStore
 from ..storage.index import Index
+
+if TYPE_CHECKING:
+    from ..cluster.lease import Lease
+    from ..cluster.replicas import Replicas
 
 log = logging.getLogger("mirror")
 
@@ -45,7 +54,8 @@ class Budget:
                  in_flight: Callable[[str], bool] = lambda digest: False,
                  extra: Callable[[], int] = lambda: 0,
                  release: Callable[[int], int] = lambda needed: 0,
-                 link_grace: float = 86400.0):
+                 link_grace: float = 86400.0, lease: Lease | None = None,
+                 replicas: Replicas | None = None):
         self.max_size = config.max_size
         self.high = config.high_watermark
         self.low = config.low_watermark
@@ -58,6 +68,9 @@ class Budget:
         self._extra = extra           # bytes on disk the ledger does not count
         self._release = release       # free that many bytes of resumable spools
         self.readers: Counter[str] = Counter()
+        self.lease = lease          # with a cluster: only its holder evicts
+        self.replicas = replicas    # with a cluster: what the other replicas are sending
+        self._held_elsewhere: set[str] = set()
         self._extra_bytes = 0  # `extra()` as of the last check: it walks the uploads folder
         self.evicted_items = 0
         self.evicted_bytes = 0
@@ -77,7 +90,12 @@ class Budget:
 
     def _in_use(self, digest: str) -> bool:
         # Called on the metadata thread: reads only, of a dict the loop thread updates.
-        return self.readers.get(digest, 0) > 0 or self._in_flight(digest)
+        return self.readers.get(digest, 0) > 0 or self._in_flight(digest) or \
+            digest in self._held_elsewhere
+
+    def held(self, digest: str) -> bool:
+        """Whether a response here is sending `digest` (the local tier keeps it meanwhile)."""
+        return self.readers.get(digest, 0) > 0
 
     async def run_forever(self) -> None:
         while True:
@@ -95,7 +113,15 @@ class Budget:
         self._extra_bytes = await asyncio.get_running_loop().run_in_executor(None, self._extra)
         if self.max_size is None or self.used <= self.max_size * self.high:
             return 0, 0
-        return await self.evict(int(self.max_size * self.low))
+        if self.lease is None:
+            return await self.evict(int(self.max_size * self.low))
+        if not await self.lease.acquire():
+            return 0, 0  # another replica is evicting
+        try:
+            return await self.evict(int(self.max_size * self.low))
+        finally:
+            self._held_elsewhere = set()
+            await self.lease.release()
 
     async def evict(self, target: int) -> tuple[int, int]:
         """Evict least recently used items until at most `target` bytes are held."""
@@ -110,6 +136,12 @@ class Budget:
         items = freed = 0
         position = (0.0, "")
         while self.used > target:
+            if self.lease is not None:
+                if not await self.lease.renew():
+                    log.warning("lost the eviction lease mid-pass; another replica goes on")
+                    break
+                self._held_elsewhere = await self.replicas.held_elsewhere() \
+                    if self.replicas is not None else set()
             page = await self.metadata.oldest(cutoff, position)
             if not page:
                 break

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 from .. import config as cfg
 from ..errors import (
@@ -21,20 +22,23 @@ from ..errors import (
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
+    StorageError,
     Unsupported,
 )
 from ..media import LIST_TYPES, OCI_MANIFEST
 from ..reference import DIGEST_HEX, Router, is_digest
 from ..storage.blobs import BlobStore
 from ..storage.index import Index
-from ..storage.metadata import HostedRepository, ManifestPush
+from ..storage.metadata import HostedRepository, ManifestPush, MetadataUnavailable
 from . import names
 from .proxy import Manifest
+
+log = logging.getLogger("mirror")
 
 
 class Hosted:
     def __init__(self, names_: list[str], index: Index, store: BlobStore, config: cfg.Hosted,
-                 router: Router):
+                 router: Router, shared: bool = False):
         self.metadata = index.metadata
         self.index = index
         self.store = store
@@ -42,17 +46,37 @@ class Hosted:
         self.router = router
         # Every request asks whether its name is hosted: answer from memory, not SQLite.
         self._names = set(names_)
+        self.shared = shared  # other replicas push too (cluster.redis)
 
     @classmethod
     async def open(cls, index: Index, store: BlobStore, config: cfg.Hosted,
-                   router: Router) -> "Hosted":
-        return cls(await index.metadata.hosted_names(), index, store, config, router)
+                   router: Router, shared: bool = False) -> "Hosted":
+        return cls(await index.metadata.hosted_names(), index, store, config, router, shared)
 
     # Repositories.
     def exists(self, name: str) -> bool:
         return name in self._names
 
-    def names(self) -> list[str]:
+    async def lookup(self, name: str) -> bool:
+        """Whether `name` is hosted. With shared metadata another replica may have created
+        it a moment ago: a name not known here is looked up there (names are never
+        removed, so a yes is remembered). While that store is down, what is known here."""
+        if name in self._names:
+            return True
+        if not self.shared:
+            return False
+        try:
+            found = await self.metadata.is_hosted(name)
+        except StorageError as e:
+            log.warning("cannot ask whether %s is hosted: %s", name, e.message)
+            return False
+        if found:
+            self._names.add(name)
+        return found
+
+    async def names(self) -> list[str]:
+        if self.shared:  # other replicas' pushes too
+            self._names.update(await self.metadata.hosted_names())
         return sorted(self._names)
 
     async def repository(self, name: str) -> HostedRepository:
@@ -72,8 +96,13 @@ class Hosted:
 
     # Blobs.
     async def blob_size(self, name: str, digest: str) -> int:
-        size = await self.metadata.hosted_blob(name, digest)
-        if size is None or self.store.size(digest) is None:
+        try:
+            size = await self.metadata.hosted_blob(name, digest)
+        except MetadataUnavailable:
+            # Which repository links it cannot be asked now; content by digest is the same
+            # bytes for every name, and the object store still has them (see manifest()).
+            size = await self.store.stat(digest)
+        if size is None or await self.store.stat(digest) is None:
             raise BlobUnknown(f"blob {digest} is not in {name}")
         return size
 
@@ -128,7 +157,7 @@ class Hosted:
                 if target not in repo.manifests:
                     raise ManifestBlobUnknown(f"manifest {target} is not in {name}; push it first")
             elif target not in repo.blobs:
-                size = self.store.size(target)
+                size = await self.store.stat(target)
                 if size is None:
                     raise ManifestBlobUnknown(f"blob {target} is not in {name}; push it first")
                 links[target] = size  # already stored (cached or pushed elsewhere)
@@ -137,6 +166,7 @@ class Hosted:
         subject = subject if isinstance(subject, str) else None
         if subject is not None:
             _check_digest(subject)  # it goes out in the OCI-Subject header, and into a key
+        await self.index.keep_copy(digest, media_type, body)
         await self.metadata.push_manifest(ManifestPush(
             name, digest, media_type, body, refs, links,
             ([] if is_digest(reference) else [reference]) + tags, subject,
@@ -147,7 +177,12 @@ class Hosted:
         return digest, subject
 
     async def manifest(self, name: str, reference: str) -> Manifest:
-        digest = await self.metadata.hosted_manifest(name, reference)
+        try:
+            digest = await self.metadata.hosted_manifest(name, reference)
+        except MetadataUnavailable:
+            if not is_digest(reference):
+                raise  # a tag needs the metadata store
+            digest = reference  # by digest, from the object store's copy (index.py)
         if digest is None:
             raise ManifestUnknown(f"{name}:{reference} is not known to this registry")
         found = await self.index.manifest(digest)

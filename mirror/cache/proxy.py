@@ -27,7 +27,7 @@ from ..errors import (
     BlobUnknown,
     ManifestUnknown,
     NameUnknown,
-    StorageFull,
+    StorageError,
     TooManyRequests,
     Unavailable,
 )
@@ -46,6 +46,7 @@ from ..upstream.client import Answer, Upstream
 from .fill import Fill
 from .fills import Fills
 from .flights import Flights
+from .objects import object_body
 
 log = logging.getLogger("mirror")
 
@@ -189,22 +190,30 @@ class Proxy:
         return Manifest(digest, media_type, len(body), body)
 
     async def _keep(self, write: Awaitable[None]) -> bool:
-        """Store what was fetched; a full disk must not fail the client's pull (the answer
-        is verified and served, just not kept), so it is logged instead. Whether it was kept."""
+        """Store what was fetched; a full disk (or a metadata store that is down) must not
+        fail the client's pull (the answer is verified and served, just not kept), so it is
+        logged instead. Whether it was kept."""
         try:
             await write
-        except StorageFull as e:
+        except StorageError as e:  # a full disk, an unreachable Redis or object store
             log.error("not cached: %s", e.message)
             return False
         return True
 
     # Blobs.
-    def blob_size(self, digest: str) -> int | None:
-        """The size of a committed blob (a hit, which refreshes its clock), or None."""
-        size = self.store.size(digest)
+    async def stored_size(self, digest: str) -> int | None:
+        """The size of a committed blob (a hit, which refreshes its clock), or None: its
+        local file, else (with S3) its object."""
+        size = await self.store.stat(digest)
         if size is not None:
             self.usage.touch(digest)
         return size
+
+    def store_fill(self, digest: str) -> tuple[Fill, int]:
+        """Join (or start) the fill of the local tier from the object store's copy: its
+        readers get the bytes as they arrive, checked against the digest again."""
+        return self.fills.join(digest, lambda start: object_body(self.store, digest, start),
+                               route="the object store")
 
     def blob_fill(self, route: Route, digest: str) -> tuple[Fill, int]:
         """Join (or start) the fill of a missing blob; the descriptor reads its spool.
@@ -217,7 +226,7 @@ class Proxy:
 
     async def blob_head(self, route: Route, digest: str) -> int:
         """The size of a blob, asking the upstream for a HEAD (never a body) on a miss."""
-        size = self.blob_size(digest)
+        size = await self.stored_size(digest)
         if size is not None:
             return size
         fill = self.fills.active.get(digest)

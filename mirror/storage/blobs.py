@@ -11,6 +11,13 @@ never leaves a truncated or unverified file where it would be served, and a comm
 returned survives a crash. A full disk there is a `StorageFull` naming the disk. Spool
 files live outside blobs/ because aiohttp's FileResponse would serve a `.gz` twin lying
 next to a blob.
+
+With `storage.backend = "s3"` (`remote` set) the object store holds the durable copy of
+every blob, as `<prefix>blobs/<algorithm>/<hex>` (s3.py): a commit uploads the verified
+spool there first, and only then is the blob entered in the shared ledger (awaited, so a
+replica that answers 201 has made the blob visible to every other). The files under blobs/
+are then the replica's local hot tier (tier.py), bounded by `storage.local_cache_size`;
+without one, the spool is removed after its upload and every read goes to the object store.
 """
 
 from __future__ import annotations
@@ -22,20 +29,41 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING, Awaitable
+
 from ..errors import storage_error
 from .metadata import Metadata
+from .tier import LocalTier
+
+if TYPE_CHECKING:
+    from .s3 import ObjectStore
 
 log = logging.getLogger("mirror")
 
 
+# Digests known to be in the object store, remembered to spare a HEAD per request.
+REMOTE_SIZES = 65536
+
+
 class BlobStore:
-    def __init__(self, root: str | Path, usage: Metadata):
+    def __init__(self, root: str | Path, usage: Metadata, remote: ObjectStore | None = None,
+                 local_size: int | None = None):
         self.root = Path(root)
         self.usage = usage
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.remote = remote
+        # With an object store: the local copies, if any are kept at all.
+        self.tier = LocalTier(self.blobs, local_size) if remote is not None and local_size \
+            else None
+        self._remote_sizes: dict[str, int] = {}
+
+    @property
+    def keeps_local(self) -> bool:
+        """Whether committed blobs stay on this disk (always, but for S3 without a tier)."""
+        return self.remote is None or self.tier is not None
 
     def remove_spools(self) -> None:
         """At the server's start: whatever is in tmp/ is a fill a crash or stop interrupted.
@@ -61,6 +89,30 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
+    @staticmethod
+    def object_name(digest: str) -> str:
+        algorithm, _, encoded = digest.partition(":")
+        return f"blobs/{algorithm}/{encoded}"
+
+    async def stat(self, digest: str) -> int | None:
+        """The size of a stored blob: its local file, else (with S3) its object; or None."""
+        size = self.size(digest)
+        if size is not None or self.remote is None:
+            if size is not None and self.tier is not None:
+                self.tier.used(digest)
+            return size
+        size = self._remote_sizes.get(digest)
+        if size is None:
+            size = await self.remote.size(self.object_name(digest))
+            if size is not None:
+                self._know_remote(digest, size)
+        return size
+
+    def _know_remote(self, digest: str, size: int) -> None:
+        if len(self._remote_sizes) >= REMOTE_SIZES:
+            self._remote_sizes.pop(next(iter(self._remote_sizes)))
+        self._remote_sizes[digest] = size
+
     def spool(self) -> tuple[int, Path]:
         """A new spool file in tmp/, opened for writing; its name is not a digest."""
         try:
@@ -76,9 +128,26 @@ class BlobStore:
         return final
 
     async def commit_async(self, spool: Path, digest: str) -> Path:
-        """`commit`, with the renaming and fsyncing on a worker thread."""
-        final, size = await asyncio.get_running_loop().run_in_executor(
-            None, self.place, spool, digest)
+        """`commit`, with the renaming and fsyncing on a worker thread; with S3, the upload
+        first (the durable copy), then the local copy if the tier keeps one."""
+        loop = asyncio.get_running_loop()
+        if self.remote is not None:
+            size = await loop.run_in_executor(None, _size_of, spool)
+            name = self.object_name(digest)
+            # A blob read from the object store into the tier is there already.
+            if self._remote_sizes.get(digest) != size and await self.remote.size(name) != size:
+                await self.remote.upload_file(name, spool, size)
+            self._know_remote(digest, size)
+            if self.tier is None:
+                spool.unlink(missing_ok=True)
+                final = self.path(digest)
+            else:
+                final, size = await loop.run_in_executor(None, self.place, spool, digest)
+                self.tier.admit(digest, size)
+            self.usage.record_blob(digest, size)
+            await self.usage.flush()  # visible to every replica before anyone is told
+            return final
+        final, size = await loop.run_in_executor(None, self.place, spool, digest)
         self.usage.record_blob(digest, size)
         return final
 
@@ -103,12 +172,31 @@ class BlobStore:
                           e.strerror)
         return final, size
 
-    def remove(self, digest: str) -> None:
-        """Delete a blob's file (its ledger entry is the caller's: Metadata.evict/forget)."""
+    def remove(self, digest: str) -> Awaitable[None] | None:
+        """Delete a blob's file (its ledger entry is the caller's: Metadata.evict/forget);
+        with S3, also its object: the deletion to await is returned."""
         try:
             os.unlink(self.path(digest))
         except FileNotFoundError:
             pass
+        if self.remote is None:
+            return None
+        if self.tier is not None:
+            self.tier.forget(digest)
+        self._remote_sizes.pop(digest, None)
+        # The ledger's digest may be a blob's or a manifest's (index.py keeps a copy of each
+        # manifest): deleting a key that does not exist costs nothing.
+        algorithm, _, encoded = digest.partition(":")
+        return self.remote.delete_many([self.object_name(digest),
+                                        f"manifests/{algorithm}/{encoded}"])
+
+    def forget_remote(self, digest: str) -> None:
+        """Another replica removed the object (a read found it gone)."""
+        self._remote_sizes.pop(digest, None)
+
+
+def _size_of(path: Path) -> int:
+    return os.stat(path).st_size
 
 
 def fsync_dir(directory: Path) -> None:

@@ -74,7 +74,7 @@ class Uploads:
                 if client is not None and self._data(meta.stem).exists():
                     self._clients.setdefault(client, set()).add(meta.stem)
 
-    def start(self, name: str, client: str | None = None) -> str:
+    async def start(self, name: str, client: str | None = None) -> str:
         """A new upload for `name`; 429 when `client` has too many in progress."""
         if client is not None and self.per_client is not None:
             running = len(self._clients.get(client, ()))
@@ -95,7 +95,10 @@ class Uploads:
             self._clients.setdefault(client, set()).add(upload)
         return upload
 
-    def offset(self, name: str, upload: str) -> int:
+    async def offset(self, name: str, upload: str) -> int:
+        return self._offset(name, upload)
+
+    def _offset(self, name: str, upload: str) -> int:
         """How many bytes the upload holds; BLOB_UPLOAD_UNKNOWN if it is not `name`'s."""
         try:
             meta = json.loads(self._meta(upload).read_text()) if UPLOAD_ID.fullmatch(upload) else {}
@@ -114,20 +117,9 @@ class Uploads:
         that would take the upload past max_size is 413 (before it is read, when its
         Content-Length says so), and a full disk is 507: both remove the upload.
         """
-        offset = self.offset(name, upload)
-        expected = None
-        if content_range:
-            # ASCII digits, at most 19 (no upload is larger): a 5000-digit number is past
-            # int()'s limit and would raise ValueError.
-            m = re.fullmatch(r"(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})", content_range.strip())
-            if not m or int(m.group(2)) < int(m.group(1)):
-                raise BlobUploadInvalid(f"invalid Content-Range {content_range[:100]!r}")
-            start, end = int(m.group(1)), int(m.group(2))
-            if start != offset:
-                raise UploadOutOfOrder(
-                    f"chunk starts at {start} but the upload holds {offset} bytes",
-                    headers=self.range_headers(name, upload, offset))
-            expected = end - start + 1
+        offset = self._offset(name, upload)
+        expected = parse_content_range(content_range, offset,
+                                       range_headers(name, upload, offset))
         announced = expected if expected is not None else content_length
         if announced is not None:
             self._check_size(name, upload, offset + announced)
@@ -181,7 +173,7 @@ class Uploads:
 
     async def finish(self, name: str, upload: str, digest: str) -> int:
         """Verify the upload against `digest`, move it into the store; return its size."""
-        self.offset(name, upload)
+        self._offset(name, upload)
         data = self._data(upload)
         try:
             actual, size = await asyncio.get_running_loop().run_in_executor(
@@ -194,9 +186,9 @@ class Uploads:
         except OSError as e:
             raise storage_error(e, self.store.root) from e
         finally:
-            self.cancel(name, upload)
+            self._remove(upload)
 
-    def cancel(self, name: str, upload: str) -> None:
+    async def cancel(self, name: str, upload: str) -> None:
         self._remove(upload)
 
     def _remove(self, upload: str) -> None:
@@ -253,15 +245,38 @@ class Uploads:
                 log.exception("expiring uploads in %s failed", self.dir)
 
     def range_headers(self, name: str, upload: str, offset: int) -> dict[str, str]:
-        """Location, Range and upload id, as every upload response carries them."""
-        return {"Location": f"/v2/{name}/blobs/uploads/{upload}",
-                "Range": f"0-{max(offset - 1, 0)}", "Docker-Upload-UUID": upload}
+        return range_headers(name, upload, offset)
 
     def _data(self, upload: str) -> Path:
         return self.dir / upload
 
     def _meta(self, upload: str) -> Path:
         return self.dir / f"{upload}.json"
+
+
+def range_headers(name: str, upload: str, offset: int) -> dict[str, str]:
+    """Location, Range and upload id, as every upload response carries them."""
+    return {"Location": f"/v2/{name}/blobs/uploads/{upload}",
+            "Range": f"0-{max(offset - 1, 0)}", "Docker-Upload-UUID": upload}
+
+
+def parse_content_range(content_range: str | None, offset: int,
+                        headers: dict[str, str]) -> int | None:
+    """The length a chunk's Content-Range `<start>-<end>` announces (None without one);
+    BLOB_UPLOAD_INVALID when it is malformed, 416 (with `headers`) when it does not start
+    at the upload's `offset`."""
+    if not content_range:
+        return None
+    # ASCII digits, at most 19 (no upload is larger): a 5000-digit number is past
+    # int()'s limit and would raise ValueError.
+    m = re.fullmatch(r"(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})", content_range.strip())
+    if not m or int(m.group(2)) < int(m.group(1)):
+        raise BlobUploadInvalid(f"invalid Content-Range {content_range[:100]!r}")
+    start, end = int(m.group(1)), int(m.group(2))
+    if start != offset:
+        raise UploadOutOfOrder(f"chunk starts at {start} but the upload holds {offset} bytes",
+                               headers=headers)
+    return end - start + 1
 
 
 async def _settled(writing: asyncio.Future | None) -> None:

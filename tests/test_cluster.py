@@ -1,0 +1,412 @@
+"""Three replicas on one Redis and one SeaweedFS bucket, as real processes on loopback.
+
+What a Deployment of N replicas behind a round-robin load balancer must do: a push whose
+requests land on different replicas works and is pulled byte-exact through the others; an
+image cached through one replica is served by another with no upstream request; Redis and
+the object store going away degrade it as decided (docs/cluster.md) and never give a 500;
+the byte budget evicts for the whole cluster; a replica killed mid-upload leaves nothing
+visible and nothing the sweep does not reclaim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+
+import aiohttp
+import pytest
+
+from tests.conftest import fetched
+from tests.support.images import build_image, random_bytes, small_image
+from tests.support.process import (
+    MirrorProcess,
+    get_blob,
+    pull,
+    sha256,
+    wait_until,
+    with_digest,
+)
+from tests.support.redis import RedisServer
+from tests.support.seaweed import SeaweedFS
+
+pytestmark = pytest.mark.timeout(150)
+
+MiB = 1 << 20
+
+
+class Cluster:
+    """N `mirror serve` processes sharing a bucket and a Redis key space."""
+
+    def __init__(self, tmp_path, upstream_url: str, redis_url: str, seaweed: SeaweedFS,
+                 bucket: str, count: int = 3, local_tier: bool = True, **settings):
+        self.name = "c" + uuid.uuid4().hex[:10]
+        self.bucket = bucket
+        self.seaweed = seaweed
+        self.replicas = []
+        for i in range(count):
+            layers = {
+                "storage": {"backend": "s3", **({"local_cache_size": 64 * MiB}
+                                                if local_tier else {})},
+                "storage.s3": {"endpoint": seaweed.endpoint, "bucket": bucket,
+                               "access_key": seaweed.access_key,
+                               "secret_key": seaweed.secret_key},
+                "cluster": {"redis": redis_url, "name": self.name, "replica": f"r{i + 1}"},
+            }
+            for section, values in settings.items():
+                layers.setdefault(section, {}).update(values)
+            self.replicas.append(MirrorProcess(tmp_path / f"r{i + 1}" / "data",
+                                               tmp_path / f"r{i + 1}", upstream_url,
+                                               settings=layers, tag_ttl=3600.0))
+
+    def start(self) -> "Cluster":
+        for replica in self.replicas:
+            replica.start(timeout=30)
+        return self
+
+    def kill(self) -> None:
+        for replica in self.replicas:
+            replica.kill()
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.replicas]
+
+    def objects(self, prefix: str = "") -> dict[str, int]:
+        """What the bucket holds under `prefix`: key -> size, read with botocore directly."""
+        found, token = {}, None
+        while True:
+            kwargs = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = s3_client(self.seaweed).list_objects_v2(**kwargs)
+            found.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+            token = page.get("NextContinuationToken")
+            if not token:
+                return found
+
+    def multipart_uploads(self) -> list[str]:
+        page = s3_client(self.seaweed).list_multipart_uploads(Bucket=self.bucket)
+        return [u["Key"] for u in page.get("Uploads", [])]
+
+
+def s3_client(seaweed: SeaweedFS):
+    """A plain (blocking) botocore client on the test's SeaweedFS, to look at the bucket."""
+    import botocore.session
+    from botocore.config import Config
+
+    return botocore.session.get_session().create_client(
+        "s3", endpoint_url=seaweed.endpoint, region_name="us-east-1",
+        aws_access_key_id=seaweed.access_key, aws_secret_access_key=seaweed.secret_key,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+
+
+@pytest.fixture
+def cluster_factory(tmp_path, upstream, redis_server, seaweed):
+    made = []
+
+    def make(count: int = 3, redis_url: str | None = None, store: SeaweedFS | None = None,
+             local_tier: bool = True, **settings) -> Cluster:
+        store = store or seaweed
+        bucket = "b" + uuid.uuid4().hex[:12]
+        store.create_bucket(bucket)
+        cluster = Cluster(tmp_path / bucket, upstream.url, redis_url or redis_server.url, store,
+                          bucket, count, local_tier, **settings)
+        made.append(cluster)
+        return cluster.start()
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            cluster.kill()
+
+
+class RoundRobin:
+    """Every request to the next replica, as a load balancer without affinity sends it."""
+
+    def __init__(self, session: aiohttp.ClientSession, urls: list[str]):
+        self.session = session
+        self._next = itertools.cycle(urls)
+        self.used: list[str] = []
+
+    def base(self) -> str:
+        url = next(self._next)
+        self.used.append(url)
+        return url
+
+    def path(self, location: str) -> str:
+        """A Location (relative, or absolute on whichever replica answered) on the next."""
+        if location.startswith("http"):
+            location = "/" + location.split("://", 1)[1].partition("/")[2]
+        return self.base() + location
+
+
+async def push_spread(lb: RoundRobin, image, chunk: int) -> None:
+    """POST, each PATCH, PUT and the manifest PUT, each on the next replica."""
+    http = lb.session
+    for data in image.blobs.values():
+        digest = sha256(data)
+        async with http.post(f"{lb.base()}/v2/{image.name}/blobs/uploads/") as resp:
+            assert resp.status == 202, await resp.text()
+            location = resp.headers["Location"]
+        for start in range(0, len(data), chunk):
+            piece = data[start:start + chunk]
+            async with http.patch(lb.path(location), data=piece, headers={
+                    "Content-Range": f"{start}-{start + len(piece) - 1}",
+                    "Content-Type": "application/octet-stream"}) as resp:
+                assert resp.status == 202, await resp.text()
+                location = resp.headers["Location"]
+                assert resp.headers["Range"] == f"0-{start + len(piece) - 1}"
+        async with http.put(with_digest(lb.path(location), digest)) as resp:
+            assert resp.status == 201, await resp.text()
+    for tag in image.tags:
+        async with http.put(f"{lb.base()}/v2/{image.name}/manifests/{tag}", data=image.manifest,
+                            headers={"Content-Type": image.media_type}) as resp:
+            assert resp.status == 201, await resp.text()
+
+
+def two_layer_image(name: str, seed: str):
+    return build_image(name, ["v1"], [{"big.bin": random_bytes(6 * MiB, seed)},
+                                      {"small.txt": seed.encode()}], oci=True)
+
+
+async def test_a_push_spread_over_three_replicas_is_pulled_byte_exact_through_the_others(
+        cluster_factory, http):
+    cluster = cluster_factory()
+    image = two_layer_image("team/spread", "spread")
+    lb = RoundRobin(http, cluster.urls)
+    await push_spread(lb, image, chunk=MiB)
+    assert set(lb.used) == set(cluster.urls)  # every replica took part of the push
+    for base in cluster.urls[1:]:
+        pulled = await pull(http, base, image.name, "v1")
+        assert pulled.digest == image.digest
+        assert pulled.blobs == {d: b for d, b in image.blobs.items()}
+    for base in cluster.urls:
+        async with http.get(f"{base}/v2/_catalog") as resp:
+            assert image.name in (await resp.json())["repositories"]
+        async with http.get(f"{base}/v2/{image.name}/tags/list") as resp:
+            assert (await resp.json())["tags"] == ["v1"]
+    objects = cluster.objects()
+    # Every blob is one object under its digest; no upload chunk is left behind.
+    for digest, data in image.blobs.items():
+        assert objects[f"blobs/sha256/{digest.partition(':')[2]}"] == len(data)
+    assert not [name for name in objects if name.startswith("uploads/")]
+
+
+async def test_a_chunk_out_of_order_on_another_replica_is_refused_and_nothing_lands(
+        cluster_factory, http):
+    cluster = cluster_factory(count=2)
+    one, two = cluster.urls
+    data = random_bytes(2 * MiB, "order")
+    async with http.post(f"{one}/v2/team/order/blobs/uploads/") as resp:
+        location = resp.headers["Location"]
+    async with http.patch(two + location, data=data[:MiB],
+                          headers={"Content-Range": f"0-{MiB - 1}"}) as resp:
+        assert resp.status == 202
+    async with http.patch(one + location, data=data[:MiB],
+                          headers={"Content-Range": f"0-{MiB - 1}"}) as resp:
+        assert resp.status == 416  # replica one knows what replica two stored
+        assert resp.headers["Range"] == f"0-{MiB - 1}"
+    async with http.put(with_digest(one + location, sha256(data))) as resp:
+        assert resp.status == 400  # half a blob: its digest is wrong
+        assert (await resp.json())["errors"][0]["code"] == "DIGEST_INVALID"
+    assert f"blobs/sha256/{sha256(data).partition(':')[2]}" not in cluster.objects()
+
+
+async def test_an_image_cached_through_one_replica_is_served_by_another_with_no_upstream_request(
+        cluster_factory, upstream, http):
+    cluster = cluster_factory()
+    image = upstream.images["library/alpine"] if "library/alpine" in upstream.images else \
+        next(iter(upstream.images.values()))
+    tag = image.tags[0]
+    first = await pull(http, cluster.urls[0], image.name, tag)
+    assert fetched(upstream) > 0
+    # Cached = committed to the bucket, which a fill does right after its last byte went
+    # out (a pull elsewhere before that fetches again: one fetch per replica, issue 12).
+    wanted = {f"blobs/sha256/{d.partition(':')[2]}" for d in first.blobs}
+    assert await wait_until(lambda: wanted <= set(cluster.objects("blobs/")), timeout=20,
+                            interval=0.1)
+    upstream.reset()
+    for base in cluster.urls[1:]:
+        again = await pull(http, base, image.name, tag)
+        assert again.digest == first.digest and again.blobs == first.blobs
+    assert fetched(upstream) == 0, [r.path for r in upstream.proxy.records]
+
+
+async def test_a_blob_read_through_a_replica_without_a_local_tier_honours_ranges(
+        cluster_factory, http):
+    cluster = cluster_factory(count=2, local_tier=False)
+    image = two_layer_image("team/ranges", "ranges")
+    lb = RoundRobin(http, cluster.urls)
+    await push_spread(lb, image, chunk=4 * MiB)
+    big = max(image.blobs.values(), key=len)
+    digest = sha256(big)
+    async with http.get(f"{cluster.urls[1]}/v2/team/ranges/blobs/{digest}",
+                        headers={"Range": "bytes=1000-1999"}) as resp:
+        assert resp.status == 206
+        assert resp.headers["Content-Range"] == f"bytes 1000-1999/{len(big)}"
+        assert await resp.read() == big[1000:2000]
+
+
+async def test_redis_down_serves_by_digest_and_stale_tags_without_a_500_then_recovers(
+        cluster_factory, upstream, http, tmp_path):
+    redis = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        cluster = cluster_factory(redis_url=redis.url)
+        one, two, three = cluster.urls
+        hosted = two_layer_image("team/during", "during")
+        await push_spread(RoundRobin(http, cluster.urls), hosted, chunk=4 * MiB)
+        cached = next(iter(upstream.images.values()))
+        tag = cached.tags[0]
+        first = await pull(http, one, cached.name, tag)
+
+        redis.stop()
+        statuses = []
+        # By digest: the manifest's copy and the blobs are in the object store.
+        for base in (two, three):
+            pulled = await pull(http, base, hosted.name, hosted.digest)
+            assert pulled.blobs == hosted.blobs
+            pulled = await pull(http, base, cached.name, first.digest)
+            assert pulled.blobs == first.blobs
+        # By tag, on the replica that saw it: served stale from what it last saw.
+        assert (await pull(http, one, cached.name, tag)).digest == first.digest
+        async with http.get(f"{one}/readyz") as resp:
+            ready = await resp.json()
+            assert resp.status == 200 and ready["status"] == "degraded", ready
+            assert "index" in ready["degraded"]
+        # A push cannot be recorded: a 503 that says to retry, never a 500.
+        async with http.post(f"{two}/v2/team/later/blobs/uploads/") as resp:
+            statuses.append(resp.status)
+            assert resp.status == 503 and "Retry-After" in resp.headers, await resp.text()
+        async with http.get(f"{three}/v2/_catalog") as resp:
+            statuses.append(resp.status)
+        assert 500 not in statuses
+
+        redis.start()
+        await asyncio.sleep(0.5)
+        # Everything is back, pushes included, on every replica.
+        later = small_image("team/later", ["v1"], "later")
+        await push_spread(RoundRobin(http, cluster.urls), later, chunk=MiB)
+        for base in cluster.urls:
+            assert (await pull(http, base, later.name, "v1")).digest == later.digest
+            assert (await pull(http, base, hosted.name, "v1")).digest == hosted.digest
+            async with http.get(f"{base}/readyz") as resp:
+                assert (await resp.json())["status"] == "ok"
+    finally:
+        redis.stop()
+
+
+async def test_object_store_down_serves_the_local_tier_and_misses_503_then_recovers(
+        cluster_factory, http, tmp_path):
+    store = SeaweedFS(tmp_path / "seaweed").start()
+    try:
+        cluster = cluster_factory(count=2, store=store)
+        one, two = cluster.urls
+        image = two_layer_image("team/s3down", "s3down")
+        await push_spread(RoundRobin(http, [one]), image, chunk=8 * MiB)
+        await pull(http, one, image.name, "v1")  # into replica one's local tier
+        store.stop()
+        pulled = await pull(http, one, image.name, image.digest)  # local tier + Redis
+        assert pulled.blobs == image.blobs
+        big = max(image.blobs, key=lambda d: len(image.blobs[d]))
+        async with http.get(f"{two}/v2/{image.name}/blobs/{big}") as resp:
+            assert resp.status == 503, await resp.text()
+            assert resp.headers.get("Retry-After")
+            assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+        async with http.get(f"{two}/readyz") as resp:
+            ready = await resp.json()
+            assert resp.status == 200 and "object_store" in ready["degraded"], ready
+        store.start()
+        assert await get_blob(http, two, image.name, big) == image.blobs[big]
+    finally:
+        store.stop()
+
+
+async def test_the_budget_evicts_for_the_whole_cluster(cluster_factory, upstream, http):
+    budget = 3 * MiB
+    cluster = cluster_factory(storage={"max_size": budget, "keep_recent": 0.0})
+    images = [upstream.push_image(f"team/evict{i}", "v1", f"evict{i}", size=MiB)
+              for i in range(6)]
+    for i, image in enumerate(images):
+        await pull(http, cluster.urls[i % 3], image.name, "v1")
+
+    def blob_bytes() -> int:
+        return sum(size for name, size in cluster.objects("blobs/").items())
+
+    assert blob_bytes() > budget
+    settled = await wait_until(lambda: blob_bytes() <= budget * 0.95, timeout=40, interval=0.5)
+    assert settled, f"{blob_bytes()} bytes of blobs left in the bucket (budget {budget})"
+    # The evicted images are still pullable (fetched again), byte-exact, on any replica.
+    for i, image in enumerate(images):
+        pulled = await pull(http, cluster.urls[(i + 1) % 3], image.name, "v1")
+        assert pulled.digest == image.digest
+    evictors = [r for r in cluster.replicas if "evicted" in r.log_text()]
+    assert evictors, "no replica logged an eviction"
+
+
+async def test_a_replica_killed_mid_upload_leaves_nothing_visible_and_the_sweep_reclaims_it(
+        cluster_factory, http):
+    cluster = cluster_factory(count=2, hosted={"upload_ttl": 3.0})
+    one, two = cluster.urls
+    data = random_bytes(40 * MiB, "killed")
+    async with http.post(f"{one}/v2/team/killed/blobs/uploads/") as resp:
+        location = resp.headers["Location"]
+    sent = 0
+
+    async def body():
+        nonlocal sent
+        for start in range(0, len(data), MiB):
+            yield data[start:start + MiB]
+            sent += MiB
+            await asyncio.sleep(0.02)
+
+    request = asyncio.ensure_future(http.patch(one + location, data=body(),
+                                               headers={"Content-Type": "application/octet-stream"}))
+    assert await wait_until(lambda: sent >= 24 * MiB, timeout=30)
+    cluster.replicas[0].kill()
+    with pytest.raises(aiohttp.ClientError):
+        resp = await request
+        await resp.read()
+    assert f"blobs/sha256/{sha256(data).partition(':')[2]}" not in cluster.objects()
+    # The other replica's sweep (every ttl/2) aborts the killed one's multipart upload of
+    # the chunk and forgets the expired record: nothing is left in the bucket.
+    async with http.get(f"{two}{location}") as resp:
+        assert resp.status in (204, 404)
+    reclaimed = await wait_until(lambda: not cluster.multipart_uploads()
+                                 and not cluster.objects("uploads/"), timeout=30, interval=0.5)
+    assert reclaimed, (cluster.multipart_uploads(),
+                       cluster.objects("uploads/"))
+
+
+async def test_with_redirect_a_stored_blob_is_a_307_to_a_presigned_url_of_its_object(
+        cluster_factory, http):
+    cluster = cluster_factory(count=2, local_tier=False, **{"storage.s3": {"redirect": True}})
+    image = small_image("team/redirect", ["v1"], "redirect", size=256 * 1024)
+    await push_spread(RoundRobin(http, cluster.urls), image, chunk=MiB)
+    layer = image.layer_digests[0]
+    async with http.get(f"{cluster.urls[1]}/v2/{image.name}/blobs/{layer}",
+                        allow_redirects=False) as resp:
+        assert resp.status == 307
+        assert resp.headers["Docker-Content-Digest"] == layer
+        location = resp.headers["Location"]
+    assert location.startswith(cluster.seaweed.endpoint) and "X-Amz-Signature=" in location
+    async with http.get(location) as resp:  # straight from the object store
+        assert resp.status == 200
+        assert await resp.read() == image.blobs[layer]
+
+
+async def test_the_local_tier_stays_within_its_bound_and_refills_from_the_bucket(
+        cluster_factory, http):
+    cluster = cluster_factory(count=2, storage={"local_cache_size": 8 * MiB})
+    one, two = cluster.urls
+    images = [two_layer_image(f"team/tier{i}", f"tier{i}") for i in range(3)]
+    for image in images:
+        await push_spread(RoundRobin(http, [two]), image, chunk=8 * MiB)
+    for _ in range(2):  # the second round reads what the bound pushed out, from the bucket
+        for image in images:
+            pulled = await pull(http, one, image.name, "v1")
+            assert pulled.blobs == image.blobs
+    root = cluster.replicas[0].root / "blobs"
+    held = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert 0 < held <= 8 * MiB, held
