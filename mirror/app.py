@@ -24,6 +24,7 @@ from .cache.budget import Budget
 from .cache.fills import Fills
 from .cache.hosted import Hosted
 from .cache.proxy import Proxy
+from .cluster.fills import FillLeases
 from .config import Config
 from .keys import BUDGET, CONFIG, HOSTED, PROXY, ROUTER, UPLOADS
 from .ops import housekeeping
@@ -90,7 +91,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     slots = Shared(config.limits)  # global request slots and body permits
     upstreams = {u.name: Upstream(u, config.limits, session, memory, slots)
                  for u in config.upstreams}
-    app[PROXY] = Proxy(upstreams, index, store, fills, offline=config.server.offline)
+    leases = None
+    if parts.redis is not None and config.cluster.secret is not None:
+        leases = FillLeases(parts.redis, parts.prefix, parts.replica, _advertise(config),
+                            config.cluster.secret, session, config.limits.stall_timeout)
+    app[PROXY] = Proxy(upstreams, index, store, fills, offline=config.server.offline,
+                       cluster=leases)
     app[HOSTED] = await Hosted.open(index, store, config.hosted, app[ROUTER],
                                     shared=parts.redis is not None)
     uploads = app[UPLOADS] = parts.uploads
@@ -141,6 +147,8 @@ class _Parts:
     uploads: Uploads | ObjectUploads
     where: str  # for the startup line
     redis: Any = None
+    prefix: str = ""
+    replica: str = ""
     lease: Lease | None = None
     replicas: Replicas | None = None
 
@@ -191,7 +199,21 @@ async def _shared_parts(config: Config) -> _Parts:
              f"replica {replica}), local tier {store.tier.limit if store.tier else 0} bytes in "
              f"{store.root.resolve()}")
     return _Parts(metadata, store, Memory(cluster.redis, f"{prefix}memory:"), uploads, where,
-                  redis, lease, replicas)
+                  redis, prefix, replica, lease, replicas)
+
+
+def _advertise(config: Config) -> str:
+    """The URL other replicas stream this one's fills from: cluster.advertise, else the
+    listening address when it is a specific one, else the host name."""
+    if config.cluster.advertise is not None:
+        return config.cluster.advertise
+    scheme = "https" if config.server.tls_certificate else "http"
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{config.server.port}"
 
 
 async def _beat_forever(replicas: Replicas) -> None:

@@ -97,6 +97,13 @@ class Cluster:
     # This replica's name in the cluster (its status, its hold on blobs being read);
     # unset: the host name and the listening port.
     replica: str | None = None
+    # The URL other replicas reach this one at, to stream a blob it is fetching from the
+    # upstream ("http://10.0.3.7:5000"); unset: http://<host name>:<port>.
+    advertise: str | None = None
+    # Shared by the replicas: signs their requests to each other's internal endpoint
+    # (/_mirror/fills/). Unset: replicas do not stream from each other, and each fetches a
+    # new blob itself (one upstream fetch per replica, not per cluster).
+    secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +248,7 @@ class Config:
 KNOWN_REALM_HOSTS = {"registry-1.docker.io": ("auth.docker.io",),
                      "index.docker.io": ("auth.docker.io",)}
 # Keys whose values are never repeated in an error message.
-SECRET_KEYS = {"username", "password", "password_file", "secret_key", "redis"}
+SECRET_KEYS = {"username", "password", "password_file", "secret_key", "redis", "secret"}
 REALM_HOST = re.compile(r"(?:[a-z0-9]+(?:[.-][a-z0-9]+)*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
 
 # An upstream name is a registry host (optionally with a port): it is the `ns=` value
@@ -547,6 +554,18 @@ def _check_cluster(config: Config) -> None:
                               f"{_without_userinfo(storage.s3.endpoint)!r}")
     if not storage.s3.bucket:
         raise ConfigError("storage.s3.bucket must not be empty")
+    if cluster.advertise is not None:
+        try:
+            parts = urlsplit(cluster.advertise)
+            parts.port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("cluster.advertise must be an http:// or https:// URL, not "
+                              f"{_without_userinfo(cluster.advertise)!r}")
+    if cluster.secret is not None and len(cluster.secret) < 16:
+        raise ConfigError("cluster.secret must be at least 16 characters (its value is not "
+                          "shown); `openssl rand -hex 32` makes a good one")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", cluster.name):
         raise ConfigError(f"cluster.name must be letters, digits, - and _, not {cluster.name!r}")
 

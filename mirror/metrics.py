@@ -187,6 +187,16 @@ DISK_USED = Gauge("mirror_disk_used_bytes",
 DISK_BUDGET = Gauge("mirror_disk_budget_bytes",
                     "The disk budget in bytes; 0 when none is configured or reported.",
                     function=lambda: 0)
+CLUSTER_FILLS = Counter("mirror_cluster_fills_total",
+                        "Blob fills started by this replica, by its part: holder (fetched from "
+                        "the upstream for the cluster), follower (streamed from the holder), "
+                        "alone (Redis did not answer: fetched without a lease).", ("role",))
+CLUSTER_TAKEOVERS = Counter("mirror_cluster_takeovers_total",
+                            "Fills this replica went on with after their holder died or stalled.")
+CLUSTER_LEASE_FAILURES = Counter("mirror_cluster_lease_failures_total",
+                                 "Fill leases not taken because Redis did not answer.")
+PEER_STREAMS = Counter("mirror_cluster_peer_streams_total",
+                       "Fills this replica streamed to other replicas.")
 EVICTIONS = Counter("mirror_evictions_total", "Blobs and manifests evicted by the disk budget.")
 EVICTED_BYTES = Counter("mirror_evicted_bytes_total", "Bytes evicted by the disk budget.")
 

@@ -33,6 +33,7 @@ from tests.support.seaweed import SeaweedFS
 pytestmark = pytest.mark.timeout(150)
 
 MiB = 1 << 20
+SECRET = "test-cluster-secret-0123456789"
 
 
 class Cluster:
@@ -51,7 +52,8 @@ class Cluster:
                 "storage.s3": {"endpoint": seaweed.endpoint, "bucket": bucket,
                                "access_key": seaweed.access_key,
                                "secret_key": seaweed.secret_key},
-                "cluster": {"redis": redis_url, "name": self.name, "replica": f"r{i + 1}"},
+                "cluster": {"redis": redis_url, "name": self.name, "replica": f"r{i + 1}",
+                            "secret": SECRET},
             }
             for section, values in settings.items():
                 layers.setdefault(section, {}).update(values)
@@ -334,9 +336,12 @@ async def test_the_budget_evicts_for_the_whole_cluster(cluster_factory, upstream
     def blob_bytes() -> int:
         return sum(size for name, size in cluster.objects("blobs/").items())
 
-    assert blob_bytes() > budget
+    pulled = {f"blobs/sha256/{d.partition(':')[2]}": len(b) for image in images
+              for d, b in image.blobs.items()}
+    assert sum(pulled.values()) > budget  # more than the budget went through the cluster
     settled = await wait_until(lambda: blob_bytes() <= budget * 0.95, timeout=40, interval=0.5)
     assert settled, f"{blob_bytes()} bytes of blobs left in the bucket (budget {budget})"
+    assert set(pulled) - set(cluster.objects("blobs/")), "nothing was evicted from the bucket"
     # The evicted images are still pullable (fetched again), byte-exact, on any replica.
     for i, image in enumerate(images):
         pulled = await pull(http, cluster.urls[(i + 1) % 3], image.name, "v1")
@@ -410,3 +415,23 @@ async def test_the_local_tier_stays_within_its_bound_and_refills_from_the_bucket
     root = cluster.replicas[0].root / "blobs"
     held = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert 0 < held <= 8 * MiB, held
+
+
+async def test_a_monolithic_push_and_a_cancelled_upload_on_a_cluster(cluster_factory, http):
+    cluster = cluster_factory(count=2)
+    one, two = cluster.urls
+    data = random_bytes(300 * 1024, "monolithic")
+    async with http.post(f"{one}/v2/team/mono/blobs/uploads/?digest={sha256(data)}",
+                         data=data) as resp:
+        assert resp.status == 201, await resp.text()
+    assert await get_blob(http, two, "team/mono", sha256(data)) == data
+    async with http.post(f"{two}/v2/team/mono/blobs/uploads/") as resp:
+        location = resp.headers["Location"]
+    async with http.patch(one + location, data=b"x" * 1000) as resp:
+        assert resp.status == 202
+    async with http.delete(two + location) as resp:
+        assert resp.status == 204
+    async with http.get(one + location) as resp:
+        assert resp.status == 404
+        assert (await resp.json())["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    assert not cluster.objects("uploads/")

@@ -46,6 +46,7 @@ CHALLENGE = {"WWW-Authenticate": 'Basic realm="mirror"'}
 PULL_METHODS = ("GET", "HEAD")
 # Liveness and readiness probes (Kubernetes) carry no credentials and reveal nothing.
 OPEN_PATHS = ("/healthz", "/readyz")
+PEER_PATH = "/_mirror/"
 PUSH_FIX = ("add a login with `mirror user add NAME` and set access.htpasswd, "
             "or set access.anonymous_push = true")
 REMEMBER_SECONDS = 300.0
@@ -203,8 +204,8 @@ class Access:
 
     async def authorize(self, request: web.Request) -> None:
         """Raise unless this request is allowed, by its method and the policy."""
-        if request.path in OPEN_PATHS:
-            return
+        if request.path in OPEN_PATHS or request.path.startswith(PEER_PATH):
+            return  # probes; replicas, which sign their requests (api/peers.py)
         user = await self.user(request)
         if request.method in PULL_METHODS:
             ping = request.path.endswith("/v2/")

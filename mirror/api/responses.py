@@ -36,7 +36,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from aiohttp import web
 
@@ -45,6 +45,9 @@ from ..errors import BlobUnknown, RangeInvalid, Unavailable
 from ..keys import CONFIG
 from ..storage.blobs import BlobStore
 from ..storage.s3 import ObjectMissing, ObjectStoreUnavailable
+
+if TYPE_CHECKING:
+    from ..cache.proxy import Proxy
 
 log = logging.getLogger("mirror")
 
@@ -125,6 +128,29 @@ def _ranges(request: web.Request, size: int) -> Ranges | None:
     if header is None:
         return None
     return parse_ranges(header, size, request.app[CONFIG].limits.max_ranges)
+
+
+async def stored_response(request: web.Request, proxy: Proxy, digest: str, size: int,
+                          headers: dict[str, str], hold: Releasable) -> web.StreamResponse:
+    """A stored blob: from its local file by sendfile; else (S3) a redirect to the object,
+    a fill of the local tier from it, or the object's bytes streamed through."""
+    store = proxy.store
+    if store.remote is None or store.size(digest) is not None:
+        return await file_response(request, store.path(digest), size, headers, hold)
+    try:
+        if request.app[CONFIG].storage.s3.redirect:
+            url = await store.remote.presign_get(store.object_name(digest))
+            return web.Response(status=307, headers={**headers, "Location": url})
+        if store.tier is None:
+            return await object_response(request, store, digest, size, headers)
+    finally:
+        hold.release()
+    fill, fd = proxy.store_fill(digest)  # into the local tier, read by every reader as it grows
+    fill.readers += 1
+    try:
+        return await fill_response(request, fill, fd, headers)
+    finally:
+        fill.readers -= 1
 
 
 async def file_response(request: web.Request, path: Path, size: int,

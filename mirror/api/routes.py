@@ -19,15 +19,16 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import metrics
-from ..cache.budget import Hold
 from ..cache.names import reserved
 from ..cache.proxy import Proxy
 from ..errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
-from ..keys import BUDGET, CONFIG, HOSTED, PROXY, ROUTER
+from ..keys import BUDGET, HOSTED, PROXY, ROUTER
 from ..media import OCI_INDEX
 from ..reference import TAG, Route, is_digest, parse_digest, parse_name
+from ..cluster import peers
+from . import peers as api_peers
 from . import push, status
-from .responses import file_response, fill_response, object_response
+from .responses import fill_response, stored_response
 
 
 def setup(app: web.Application) -> None:
@@ -49,6 +50,7 @@ def setup(app: web.Application) -> None:
     r.add_get("/metrics", status.metrics_text)
     r.add_get("/healthz", status.healthz)
     r.add_get("/readyz", status.readyz)
+    r.add_get(f"{peers.PATH}{{digest}}", api_peers.fill_stream)  # replicas only (signed)
     metrics.ROUTE_NAMES.update({
         ping: "ping", catalog: "catalog", tags_list: "tags", manifest: "manifest",
         push.put_manifest: "manifest", push.delete_manifest: "manifest", blob: "blob",
@@ -156,36 +158,13 @@ async def blob(request: web.Request) -> web.StreamResponse:
     return await stored_response(request, proxy, digest, size, headers, hold)
 
 
-async def stored_response(request: web.Request, proxy: Proxy, digest: str, size: int,
-                          headers: dict[str, str], hold: Hold) -> web.StreamResponse:
-    """A stored blob: from its local file by sendfile; else (S3) a redirect to the object,
-    a fill of the local tier from it, or the object's bytes streamed through."""
-    store = proxy.store
-    if store.remote is None or store.size(digest) is not None:
-        return await file_response(request, store.path(digest), size, headers, hold)
-    try:
-        if request.app[CONFIG].storage.s3.redirect:
-            url = await store.remote.presign_get(store.object_name(digest))
-            return web.Response(status=307, headers={**headers, "Location": url})
-        if store.tier is None:
-            return await object_response(request, store, digest, size, headers)
-    finally:
-        hold.release()
-    fill, fd = proxy.store_fill(digest)  # into the local tier, read by every reader as it grows
-    fill.readers += 1
-    try:
-        return await fill_response(request, fill, fd, headers)
-    finally:
-        fill.readers -= 1
-
-
 async def _blob_fill(request: web.Request, proxy: Proxy, digest: str,
                      headers: dict[str, str]) -> web.StreamResponse:
     """A miss: join (or start) the one fill of `digest` and stream it as it arrives."""
     metrics.CACHE_MISSES.inc(1, "blob")
     if digest in proxy.fills.active:
         metrics.COALESCED.inc(1, "blob")
-    fill, fd = proxy.blob_fill(route(request), digest)
+    fill, fd = await proxy.blob_fill(route(request), digest)
     fill.readers += 1
     try:
         return await fill_response(request, fill, fd, headers)

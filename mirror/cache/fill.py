@@ -141,6 +141,8 @@ class Fill:
         self.error: RegistryError | None = None
         self.partial: Partial | None = None  # set when this fill broke off and can resume
         self.sources = [Source(route, open_body)]
+        # Run by fills.py when the fill ended, committed or not (a cluster lease release).
+        self.on_done: list[Callable[[], Any]] = []
         self._readers = 0
         self._budget = overflow if overflow is not None else Overflow(OVERFLOW_LIMIT)
         if partial is None:

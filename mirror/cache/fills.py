@@ -61,6 +61,17 @@ class Fills:
             del self.active[fill.digest]
             if fill.partial is not None:
                 self._keep(fill.digest, fill.partial)
+            for done in fill.on_done:  # a cluster lease on the digest, released
+                try:
+                    await done()
+                except Exception:  # one failed release must not keep the others
+                    log.exception("cleaning up after the fill of %s failed", fill.digest)
+
+    def reader(self, digest: str) -> tuple[Fill, int] | None:
+        """A descriptor of a running fill's spool, joining as a reader only (no source):
+        for a replica streaming this fill from us."""
+        fill = self.active.get(digest)
+        return (fill, fill.open_reader()) if fill is not None else None
 
     def _keep(self, digest: str, partial: Partial) -> None:
         self.partials[digest] = partial

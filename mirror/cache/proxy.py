@@ -15,14 +15,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Awaitable
+from typing import Any, Awaitable
 from urllib.parse import urlencode
 
+from .. import metrics
+from ..cluster.fills import LEASE_SECONDS, Alone, FillLeases, Following, Holding
 from ..errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -81,13 +86,14 @@ def acceptable(media_type: str, types: set[str] | None) -> bool:
 
 class Proxy:
     def __init__(self, upstreams: dict[str, Upstream], index: Index, store: BlobStore,
-                 fills: Fills, offline: bool = False):
+                 fills: Fills, offline: bool = False, cluster: FillLeases | None = None):
         self.upstreams = upstreams
         self.index = index
         self.store = store
         self.usage = store.usage
         self.fills = fills
         self.offline = offline
+        self.cluster = cluster  # with several replicas: who fetches which digest
         self._flights = Flights()
         # After a failed revalidation a tag is served stale without asking again until
         # this time, so a down upstream is not asked (nor the failure logged) per request.
@@ -110,14 +116,16 @@ class Proxy:
         cls = accept_class(types)
         record = await self.index.tag(route.key, reference, cls)
         if record is None or not acceptable(record.media_type, types):
-            return await self._flights.run(
+            return await self._once(
                 ("tag", route.key, reference, cls, head),
-                lambda: self._refresh_tag(route, reference, cls, forward, head))
+                lambda: self._refresh_tag(route, reference, cls, forward, head),
+                lambda: self._stored_tag(route, reference, cls, types, head))
         if not record.fresh(route.upstream.tag_ttl) and \
                 self._stale_until.get((route.key, reference, cls), 0) < time.monotonic():
-            record = await self._flights.run(
+            record = await self._once(
                 ("revalidate", route.key, reference, cls),
-                lambda: self._revalidate(route, reference, cls, forward, record))
+                lambda: self._revalidate(route, reference, cls, forward, record),
+                lambda: self._fresh_record(route, reference, cls))
         if head:
             self.usage.touch(record.digest)
             return Manifest(record.digest, record.media_type, record.size, None)
@@ -154,8 +162,37 @@ class Proxy:
             self.usage.touch(digest)
             media_type, body = found
             return Manifest(digest, media_type, len(body), body)
-        return await self._flights.run(
-            ("digest", digest), lambda: self._fetch_manifest(route, digest, ALL_TYPES, False))
+        return await self._once(
+            ("digest", digest), lambda: self._fetch_manifest(route, digest, ALL_TYPES, False),
+            lambda: self._stored_manifest(digest))
+
+    async def _once(self, key: tuple, fetch, stored):
+        """One fetch per key in this process (Flights) and, with several replicas, in the
+        cluster: a replica that finds another fetching waits and reads what it stored."""
+        if self.cluster is None:
+            return await self._flights.run(key, fetch)
+        name = ":".join(map(str, key))
+        return await self._flights.run(key, lambda: self.cluster.once(name, fetch, stored))
+
+    async def _stored_tag(self, route: Route, tag: str, cls: str, types,
+                          head: bool) -> Manifest | None:
+        record = await self.index.tag(route.key, tag, cls)
+        if record is None or not acceptable(record.media_type, types):
+            return None
+        if head:
+            return Manifest(record.digest, record.media_type, record.size, None)
+        return await self._stored_manifest(record.digest)
+
+    async def _fresh_record(self, route: Route, tag: str, cls: str) -> TagRecord | None:
+        record = await self.index.tag(route.key, tag, cls)
+        return record if record is not None and record.fresh(route.upstream.tag_ttl) else None
+
+    async def _stored_manifest(self, digest: str) -> Manifest | None:
+        found = await self.index.manifest(digest)
+        if found is None:
+            return None
+        media_type, body = found
+        return Manifest(digest, media_type, len(body), body)
 
     async def _fetch_manifest(self, route: Route, reference: str, accept: list[str],
                               head: bool) -> Manifest:
@@ -215,14 +252,71 @@ class Proxy:
         return self.fills.join(digest, lambda start: object_body(self.store, digest, start),
                                route="the object store")
 
-    def blob_fill(self, route: Route, digest: str) -> tuple[Fill, int]:
+    async def blob_fill(self, route: Route, digest: str) -> tuple[Fill, int]:
         """Join (or start) the fill of a missing blob; the descriptor reads its spool.
 
         The route comes along: should the route the fill reads from fail (a bogus name, a
-        down upstream), the fill goes on through this one (fill.py)."""
+        down upstream), the fill goes on through this one (fill.py). With several replicas
+        a new fill first asks the cluster who fetches the digest (cluster/fills.py)."""
         upstream = self._upstream(route)
-        return self.fills.join(digest, lambda start: upstream.blob(route.name, digest, start),
-                               route=route.key)
+
+        def from_upstream(start: int):
+            return upstream.blob(route.name, digest, start)
+
+        if self.cluster is None or digest in self.fills.active:
+            return self.fills.join(digest, from_upstream, route=route.key)
+        claim = await self.cluster.claim(digest)
+        if digest in self.fills.active:  # another request here started it meanwhile
+            if isinstance(claim, Holding):
+                await claim.release()
+            return self.fills.join(digest, from_upstream, route=route.key)
+        if isinstance(claim, Following):
+            metrics.CLUSTER_FILLS.inc(1, "follower")
+            state: dict[str, Fill] = {}
+            fill, fd = self.fills.join(
+                digest, lambda start: self.cluster.stream(claim.url, digest, start),
+                route=f"replica {claim.replica}")
+            state["fill"] = fill
+            fill.add_source(f"{route.key} (taking over from {claim.replica})",
+                            lambda start: self._takeover(state, claim, digest, start,
+                                                         from_upstream))
+            return fill, fd
+        metrics.CLUSTER_FILLS.inc(1, "holder" if isinstance(claim, Holding) else "alone")
+        fill, fd = self.fills.join(digest, from_upstream, route=route.key)
+        if isinstance(claim, Holding):
+            fill.on_done.append(claim.release)
+        return fill, fd
+
+    @contextlib.asynccontextmanager
+    async def _takeover(self, state: dict[str, Fill], dead: Following, digest: str,
+                        start: int, from_upstream) -> AsyncIterator[Any]:
+        """Go on with a fill whose holder's stream broke: from the bucket if the holder
+        got to commit it, from the upstream once its lease lapsed and is ours, or from the
+        replica that took it over first."""
+        deadline = time.monotonic() + LEASE_SECONDS + 5
+        while True:
+            if self.store.remote is not None and await self.store.stat(digest) is not None:
+                async with object_body(self.store, digest, start) as body:
+                    yield body
+                return
+            claim = await self.cluster.claim(digest)
+            if isinstance(claim, (Holding, Alone)):
+                if isinstance(claim, Holding):
+                    state["fill"].on_done.append(claim.release)
+                metrics.CLUSTER_TAKEOVERS.inc()
+                log.info("taking over the fill of %s from replica %s at byte %d", digest,
+                         dead.replica, start)
+                async with from_upstream(start) as body:
+                    yield body
+                return
+            if claim.url != dead.url:
+                async with self.cluster.stream(claim.url, digest, start) as body:
+                    yield body
+                return
+            if time.monotonic() > deadline:
+                raise Unavailable(f"replica {dead.replica} stopped sending {digest} and still "
+                                  "holds its lease")
+            await asyncio.sleep(0.2)
 
     async def blob_head(self, route: Route, digest: str) -> int:
         """The size of a blob, asking the upstream for a HEAD (never a body) on a miss."""

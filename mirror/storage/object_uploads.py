@@ -217,7 +217,11 @@ class ObjectUploads:
             raise DigestInvalid(f"the upload's content has digest {actual}, not {digest}")
 
     async def cancel(self, name: str, upload: str) -> None:
-        state = await self._state(name, upload)
+        """Remove the upload; one already gone (finished, expired) is no error."""
+        try:
+            state = await self._state(name, upload)
+        except BlobUploadUnknown:
+            return
         await self._remove(upload, int(state["chunks"]))
 
     async def _remove(self, upload: str, chunks: int | None = None) -> None:

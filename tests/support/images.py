@@ -70,8 +70,13 @@ class Image:
 
 
 def random_bytes(size: int, seed: str | int) -> bytes:
-    """Incompressible but reproducible: the same seed gives the same bytes on every run."""
-    return random.Random(seed).randbytes(size)
+    """Incompressible but reproducible: the same seed gives the same bytes on every run.
+    (randbytes takes at most 2**28 bytes at once: bigger ones are made in pieces.)"""
+    generator, piece = random.Random(seed), 64 << 20
+    if size <= piece:
+        return generator.randbytes(size)
+    return b"".join(generator.randbytes(min(piece, size - start))
+                    for start in range(0, size, piece))
 
 
 def make_layer(files: dict[str, bytes]) -> tuple[bytes, str]:
