@@ -26,7 +26,7 @@ from .cache.hosted import Hosted
 from .cache.proxy import Proxy
 from .cluster.fills import FillLeases
 from .config import Config
-from .keys import BUDGET, CONFIG, HOSTED, PROXY, ROUTER, UPLOADS
+from .keys import BUDGET, CONFIG, HOSTED, PROXY, REPLICAS, ROUTER, UPLOADS
 from .ops import housekeeping
 from .reference import Router
 from .storage.blobs import BlobStore
@@ -113,6 +113,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         store.tier.in_use = budget.held
     if parts.replicas is not None:
         parts.replicas.holds = lambda: list(budget.readers)
+        app[REPLICAS] = parts.replicas
     log.info("serving %s with data in %s; upstreams: %s", config.server.listen,
              parts.where, ", ".join(
                  f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams))

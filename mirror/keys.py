@@ -5,6 +5,7 @@ from aiohttp import web
 from .cache.budget import Budget
 from .cache.hosted import Hosted
 from .cache.proxy import Proxy
+from .cluster.replicas import Replicas
 from .config import Config
 from .reference import Router
 from .storage.uploads import Uploads
@@ -15,3 +16,4 @@ PROXY = web.AppKey("proxy", Proxy)
 HOSTED = web.AppKey("hosted", Hosted)
 UPLOADS = web.AppKey("uploads", Uploads)
 BUDGET = web.AppKey("budget", Budget)
+REPLICAS = web.AppKey("replicas", Replicas)  # only with several replicas (cluster.redis)

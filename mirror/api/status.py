@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .. import metrics
-from ..keys import CONFIG, PROXY
+from ..keys import CONFIG, PROXY, REPLICAS
 
 READY_TIMEOUT = 2.0  # a hung disk makes /readyz fail, never hang
 
@@ -87,7 +87,8 @@ def _json(document: object, status: int = 200) -> web.Response:
 
 # The page.
 async def page(request: web.Request) -> web.Response:
-    body = render(request.app, request.host)
+    replicas = await request.app[REPLICAS].alive() if REPLICAS in request.app else None
+    body = render(request.app, request.host, replicas)
     return web.Response(body=body.encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
 
@@ -102,7 +103,7 @@ def percent(ratio: float | None) -> str:
     return "—" if ratio is None else f"{ratio * 100:.1f}%"
 
 
-def render(app: web.Application, host: str) -> str:
+def render(app: web.Application, host: str, replicas: list[dict] | None = None) -> str:
     config, proxy = app[CONFIG], app[PROXY]
     used, budget = metrics.disk()
     budget = budget or config.storage.max_size
@@ -125,6 +126,8 @@ def render(app: web.Application, host: str) -> str:
         _card("Requests", [(route, _count(n)) for route, n in _by_route()] or
               [("none yet", "")]),
     ]
+    if replicas is not None:
+        cards.append(_cluster(config.cluster.replica, replicas))
     return PAGE.format(
         title=escape(f"mirror · {host}"),
         uptime=escape(_duration(time.time() - metrics.STARTED)),
@@ -188,8 +191,33 @@ def _fills(proxy) -> str:
         rows.append(
             f'<tr><td><code title="{escape(fill.digest)}">{escape(_short(fill.digest))}</code></td>'
             f'<td><span class="nowrap">{escape(progress)}</span>{bar}</td>'
+            f'<td>{escape(_source(fill))}</td>'
             f'<td class="n">{getattr(fill, "readers", 0)}</td></tr>')
-    return _table(("digest", "written / size", "readers"), rows, "No blob is being fetched.")
+    return _table(("digest", "written / size", "from", "readers"), rows,
+                  "No blob is being fetched.")
+
+
+def _source(fill) -> str:
+    """Where a fill reads now: an upstream route, another replica, the object store."""
+    source = next((s for s in fill.sources if s.error is None), None)
+    return source.route if source is not None else "—"
+
+
+def _cluster(me: str | None, replicas: list[dict]) -> str:
+    """The replicas that beat lately, and this one's part in the cluster's fills."""
+    now = time.time()
+    rows = [(f"{entry.get('name', '?')}{' (this one)' if entry.get('name') == me else ''}",
+             f"seen {_duration(max(now - float(entry.get('seen', now)), 0))} ago, sending "
+             f"{len(entry.get('holds', []))} blob(s)") for entry in replicas]
+    fills = metrics.CLUSTER_FILLS
+    rows += [
+        ("fills held / followed / alone", f"{_count(fills.value('holder'))} / "
+         f"{_count(fills.value('follower'))} / {_count(fills.value('alone'))}"),
+        ("streamed to other replicas", _count(metrics.PEER_STREAMS.total())),
+        ("taken over", _count(metrics.CLUSTER_TAKEOVERS.total())),
+        ("lease failures (Redis)", _count(metrics.CLUSTER_LEASE_FAILURES.total())),
+    ]
+    return _card(f"Cluster: {len(replicas)} replica(s)", rows or [("no heartbeat", "")])
 
 
 def _repositories() -> str:

@@ -90,6 +90,9 @@ class Upstream:
                                              sock_read=limits.stall_timeout)
         self.destinations = Destinations(self.name, self.base)
         self.auth = Authenticator(config, session, memory, self._small, self.destinations)
+        # A 429's pause is also written to the memory tier, which replicas share (Redis):
+        # an upstream that asked one replica to slow down is left alone by all of them.
+        self.memory = memory
         self.paused_until = 0.0
         self.last_error: str | None = None
         self.last_ok: float | None = None  # wall-clock time of the last successful answer
@@ -119,7 +122,14 @@ class Upstream:
         finally:
             held.release()  # the headers are here (or never will be): the slot is free
         try:
-            self._check(resp, name, not_found)
+            try:
+                self._check(resp, name, not_found)
+            except TooManyRequests:
+                # Told to every replica (the memory tier is theirs too), awaited here since
+                # _check is not a coroutine.
+                await self.memory.set(self._pause_key, time.time() + self._pause_left(),
+                                      ttl=max(self._pause_left(), 1.0))
+                raise
             yield resp
         finally:
             resp.release()
@@ -168,6 +178,13 @@ class Upstream:
         finally:
             self._shared.bodies.release()
 
+    @property
+    def _pause_key(self) -> str:
+        return f"pause:{self.name}"
+
+    def _pause_left(self) -> float:
+        return max(self.paused_until - time.monotonic(), 0.0)
+
     def _deadline(self) -> float:
         return time.monotonic() + self._shared.timeout
 
@@ -196,6 +213,9 @@ class Upstream:
 
     async def _sit_out_pause(self, deadline: float) -> None:
         """Wait for a 429's Retry-After to run out; 429 at once if it outlasts the deadline."""
+        until = await self.memory.get(self._pause_key)  # wall-clock: another replica's 429
+        if isinstance(until, (int, float)):
+            self.paused_until = max(self.paused_until, time.monotonic() + until - time.time())
         while (pause := self.paused_until - time.monotonic()) > 0:
             if time.monotonic() + pause > deadline:
                 raise TooManyRequests(
