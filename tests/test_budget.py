@@ -40,9 +40,16 @@ def budget(max_size):
 
 
 async def settle(mirror):
+    """Fills ended, and the responses' holds released: a client can have read the last
+    byte before the server's response coroutine resumes to release its hold."""
     for digest in list(mirror.proxy.fills.active):
         while digest in mirror.proxy.fills.active:
             await asyncio.sleep(0.01)
+    readers = mirror.server.app[BUDGET].readers
+    for _ in range(500):
+        if not readers:
+            break
+        await asyncio.sleep(0.01)
 
 
 async def consistent(mirror):
