@@ -16,7 +16,7 @@ import redis as redis_sync
 from mirror.cluster import peers
 from tests.conftest import fetched
 from tests.support.images import small_image
-from tests.support.process import pull, sha256, wait_until
+from tests.support.process import get_blob, pull, sha256, wait_until
 from tests.support.redis import RedisServer
 from tests.test_cluster import SECRET, MiB, cluster_factory  # noqa: F401  (a fixture)
 
@@ -176,3 +176,26 @@ async def test_a_429_on_one_replica_pauses_that_upstream_for_the_whole_cluster(
     assert len(upstream.proxy.records) == asked, "replica two asked during the pause"
     assert (await pulled).digest == image.digest  # once the pause ran out
     assert time.monotonic() - started >= 2.5
+
+
+async def test_a_range_and_a_late_joiner_on_a_follower_while_the_holder_fetches(
+        cluster_factory, upstream, http):
+    cluster = cluster_factory(count=2)
+    one, two = cluster.urls
+    image = upstream.push_image("team/late", "v1", "late", size=6 * MiB)
+    for base in cluster.urls:
+        await pull_manifest(http, base, image)
+    layer = image.layer_digests[0]
+    data = image.blobs[layer]
+    upstream.reset()
+    upstream.proxy.throttle(4 * MiB, match=layer)
+    first = asyncio.ensure_future(get_blob(http, one, image.name, layer))
+    assert await wait_until(lambda: holder_of(cluster, layer) == "r1", timeout=10)
+    await asyncio.sleep(0.5)
+    async with http.get(f"{two}/v2/{image.name}/blobs/{layer}",
+                        headers={"Range": "bytes=100-199"}) as resp:
+        assert resp.status == 206
+        assert await resp.read() == data[100:200]
+    late = await get_blob(http, two, image.name, layer)
+    assert late == data and await first == data
+    assert fetched(upstream, "GET", layer) == 1
