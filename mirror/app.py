@@ -37,12 +37,13 @@ from .storage.metadata import Metadata
 from .storage.sqlite import SqliteMetadata
 from .storage.uploads import Uploads
 
+from .upstream.client import Upstream
+from .upstream.slots import Shared
+
 if TYPE_CHECKING:  # the cluster's parts are imported only when a cluster is configured
     from .cluster.lease import Lease
     from .cluster.replicas import Replicas
     from .storage.object_uploads import ObjectUploads
-from .upstream.client import Upstream
-from .upstream.slots import Shared
 
 log = logging.getLogger("mirror")
 
@@ -195,10 +196,10 @@ async def _shared_parts(config: Config) -> _Parts:
                             per_client=config.hosted.max_uploads_per_client)
     lease = Lease(redis, f"{prefix}lease:evict", replica, ttl=30.0)
     replicas = Replicas(redis, prefix, replica)
-    where = (f"s3 bucket {storage.s3.bucket}{' under ' + storage.s3.prefix if storage.s3.prefix else ''}"
-             f" at {storage.s3.endpoint or 'AWS'}, metadata in Redis (cluster {cluster.name}, "
-             f"replica {replica}), local tier {store.tier.limit if store.tier else 0} bytes in "
-             f"{store.root.resolve()}")
+    under = f" under {storage.s3.prefix}" if storage.s3.prefix else ""
+    where = (f"s3 bucket {storage.s3.bucket}{under} at {storage.s3.endpoint or 'AWS'}, "
+             f"metadata in Redis (cluster {cluster.name}, replica {replica}), local tier "
+             f"{store.tier.limit if store.tier else 0} bytes in {store.root.resolve()}")
     return _Parts(metadata, store, Memory(cluster.redis, f"{prefix}memory:"), uploads, where,
                   redis, prefix, replica, lease, replicas)
 

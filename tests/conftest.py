@@ -24,7 +24,8 @@ from mirror import config as cfg
 from mirror.app import make_app, ssl_context
 from mirror.keys import PROXY
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.redis", "tests.support.seaweed"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.redis", "tests.support.seaweed",
+                  "tests.support.cluster"]
 
 # In CI (CI=true) the property tests draw the same examples every run: a case found there
 # for the first time would fail a landing by chance. Local runs keep exploring, and so does

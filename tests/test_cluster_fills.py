@@ -15,10 +15,10 @@ import redis as redis_sync
 
 from mirror.cluster import peers
 from tests.conftest import fetched
+from tests.support.cluster import SECRET, MiB
 from tests.support.images import small_image
 from tests.support.process import get_blob, pull, sha256, wait_until
 from tests.support.redis import RedisServer
-from tests.test_cluster import SECRET, MiB, cluster_factory  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -87,7 +87,8 @@ def _json(document: object, status: int = 200) -> web.Response:
 
 # The page.
 async def page(request: web.Request) -> web.Response:
-    replicas = await request.app[REPLICAS].alive() if REPLICAS in request.app else None
+    cluster = request.app.get(REPLICAS)
+    replicas = (cluster.name, await cluster.alive()) if cluster is not None else None
     body = render(request.app, request.host, replicas)
     return web.Response(body=body.encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
@@ -103,7 +104,8 @@ def percent(ratio: float | None) -> str:
     return "—" if ratio is None else f"{ratio * 100:.1f}%"
 
 
-def render(app: web.Application, host: str, replicas: list[dict] | None = None) -> str:
+def render(app: web.Application, host: str,
+           replicas: tuple[str, list[dict]] | None = None) -> str:
     config, proxy = app[CONFIG], app[PROXY]
     used, budget = metrics.disk()
     budget = budget or config.storage.max_size
@@ -127,7 +129,7 @@ def render(app: web.Application, host: str, replicas: list[dict] | None = None) 
               [("none yet", "")]),
     ]
     if replicas is not None:
-        cards.append(_cluster(config.cluster.replica, replicas))
+        cards.append(_cluster(*replicas))
     return PAGE.format(
         title=escape(f"mirror · {host}"),
         uptime=escape(_duration(time.time() - metrics.STARTED)),
@@ -203,7 +205,7 @@ def _source(fill) -> str:
     return source.route if source is not None else "—"
 
 
-def _cluster(me: str | None, replicas: list[dict]) -> str:
+def _cluster(me: str, replicas: list[dict]) -> str:
     """The replicas that beat lately, and this one's part in the cluster's fills."""
     now = time.time()
     rows = [(f"{entry.get('name', '?')}{' (this one)' if entry.get('name') == me else ''}",

@@ -15,19 +15,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Awaitable
+from typing import Awaitable
 from urllib.parse import urlencode
 
-from .. import metrics
-from ..cluster.fills import LEASE_SECONDS, Alone, FillLeases, Following, Holding
+from ..cluster.fills import FillLeases
 from ..errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -52,6 +48,7 @@ from .fill import Fill
 from .fills import Fills
 from .flights import Flights
 from .objects import object_body
+from .shared import shared_fill
 
 log = logging.getLogger("mirror")
 
@@ -265,58 +262,8 @@ class Proxy:
 
         if self.cluster is None or digest in self.fills.active:
             return self.fills.join(digest, from_upstream, route=route.key)
-        claim = await self.cluster.claim(digest)
-        if digest in self.fills.active:  # another request here started it meanwhile
-            if isinstance(claim, Holding):
-                await claim.release()
-            return self.fills.join(digest, from_upstream, route=route.key)
-        if isinstance(claim, Following):
-            metrics.CLUSTER_FILLS.inc(1, "follower")
-            state: dict[str, Fill] = {}
-            fill, fd = self.fills.join(
-                digest, lambda start: self.cluster.stream(claim.url, digest, start),
-                route=f"replica {claim.replica}")
-            state["fill"] = fill
-            fill.add_source(f"{route.key} (taking over from {claim.replica})",
-                            lambda start: self._takeover(state, claim, digest, start,
-                                                         from_upstream))
-            return fill, fd
-        metrics.CLUSTER_FILLS.inc(1, "holder" if isinstance(claim, Holding) else "alone")
-        fill, fd = self.fills.join(digest, from_upstream, route=route.key)
-        if isinstance(claim, Holding):
-            fill.on_done.append(claim.release)
-        return fill, fd
-
-    @contextlib.asynccontextmanager
-    async def _takeover(self, state: dict[str, Fill], dead: Following, digest: str,
-                        start: int, from_upstream) -> AsyncIterator[Any]:
-        """Go on with a fill whose holder's stream broke: from the bucket if the holder
-        got to commit it, from the upstream once its lease lapsed and is ours, or from the
-        replica that took it over first."""
-        deadline = time.monotonic() + LEASE_SECONDS + 5
-        while True:
-            if self.store.remote is not None and await self.store.stat(digest) is not None:
-                async with object_body(self.store, digest, start) as body:
-                    yield body
-                return
-            claim = await self.cluster.claim(digest)
-            if isinstance(claim, (Holding, Alone)):
-                if isinstance(claim, Holding):
-                    state["fill"].on_done.append(claim.release)
-                metrics.CLUSTER_TAKEOVERS.inc()
-                log.info("taking over the fill of %s from replica %s at byte %d", digest,
-                         dead.replica, start)
-                async with from_upstream(start) as body:
-                    yield body
-                return
-            if claim.url != dead.url:
-                async with self.cluster.stream(claim.url, digest, start) as body:
-                    yield body
-                return
-            if time.monotonic() > deadline:
-                raise Unavailable(f"replica {dead.replica} stopped sending {digest} and still "
-                                  "holds its lease")
-            await asyncio.sleep(0.2)
+        return await shared_fill(self.cluster, self.fills, self.store, route, digest,
+                                 from_upstream)
 
     async def blob_head(self, route: Route, digest: str) -> int:
         """The size of a blob, asking the upstream for a HEAD (never a body) on a miss."""
