@@ -534,40 +534,31 @@ def _check_cluster(config: Config) -> None:
     if cluster.redis is not None and storage.backend != "s3":
         raise ConfigError("cluster.redis needs storage.backend = \"s3\": replicas share blobs "
                           "through an object store, not a local disk; set [storage.s3]")
-    if cluster.redis is not None:
-        try:
-            parts = urlsplit(cluster.redis)
-            parts.port
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            raise ConfigError("cluster.redis must be a redis:// or rediss:// URL "
-                              "(its value is not shown: it may hold a password)")
-    if storage.s3.endpoint is not None:
-        try:
-            parts = urlsplit(storage.s3.endpoint)
-            parts.port
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError("storage.s3.endpoint must be an http:// or https:// URL, not "
-                              f"{_without_userinfo(storage.s3.endpoint)!r}")
+    if cluster.redis is not None and not _url_of(cluster.redis, ("redis", "rediss")):
+        raise ConfigError("cluster.redis must be a redis:// or rediss:// URL "
+                          "(its value is not shown: it may hold a password)")
+    for key, url in (("storage.s3.endpoint", storage.s3.endpoint),
+                     ("cluster.advertise", cluster.advertise)):
+        if url is not None and not _url_of(url, ("http", "https")):
+            raise ConfigError(f"{key} must be an http:// or https:// URL, not "
+                              f"{_without_userinfo(url)!r}")
     if not storage.s3.bucket:
         raise ConfigError("storage.s3.bucket must not be empty")
-    if cluster.advertise is not None:
-        try:
-            parts = urlsplit(cluster.advertise)
-            parts.port
-        except ValueError:
-            parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError("cluster.advertise must be an http:// or https:// URL, not "
-                              f"{_without_userinfo(cluster.advertise)!r}")
     if cluster.secret is not None and len(cluster.secret) < 16:
         raise ConfigError("cluster.secret must be at least 16 characters (its value is not "
                           "shown); `openssl rand -hex 32` makes a good one")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", cluster.name):
         raise ConfigError(f"cluster.name must be letters, digits, - and _, not {cluster.name!r}")
+
+
+def _url_of(url: str, schemes: tuple[str, ...]) -> bool:
+    """Whether `url` parses, with one of `schemes`, a host, and a port that fits."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises for a port past 65535
+    except ValueError:
+        return False
+    return parts.scheme in schemes and bool(parts.hostname)
 
 
 def _without_userinfo(url: str) -> str:

@@ -41,12 +41,11 @@ from ..errors import (
     BlobUploadTooLarge,
     BlobUploadUnknown,
     DigestInvalid,
-    TooManyRequests,
     UploadOutOfOrder,
 )
 from .blobs import BlobStore
 from .metadata import MetadataUnavailable
-from .uploads import CHUNK, RETRY_AFTER, UPLOAD_ID, parse_content_range, range_headers
+from .uploads import CHUNK, UPLOAD_ID, check_per_client, parse_content_range, range_headers
 
 log = logging.getLogger("mirror")
 
@@ -82,12 +81,7 @@ class ObjectUploads:
 
     async def start(self, name: str, client: str | None = None) -> str:
         if client is not None and self.per_client is not None:
-            running = await self._running(client)
-            if running >= self.per_client:
-                raise TooManyRequests(
-                    f"{client} has {running} uploads in progress, the most one client may "
-                    f"have (hosted.max_uploads_per_client); finish or cancel one first",
-                    headers={"Retry-After": RETRY_AFTER})
+            check_per_client(client, await self._running(client), self.per_client)
         upload = uuid.uuid4().hex
         async with self.redis.pipeline(transaction=True) as tx:
             tx.hset(self._record(upload), mapping={

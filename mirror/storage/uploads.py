@@ -77,12 +77,7 @@ class Uploads:
     async def start(self, name: str, client: str | None = None) -> str:
         """A new upload for `name`; 429 when `client` has too many in progress."""
         if client is not None and self.per_client is not None:
-            running = len(self._clients.get(client, ()))
-            if running >= self.per_client:
-                raise TooManyRequests(
-                    f"{client} has {running} uploads in progress, the most one client may "
-                    f"have (hosted.max_uploads_per_client); finish or cancel one first",
-                    headers={"Retry-After": RETRY_AFTER})
+            check_per_client(client, len(self._clients.get(client, ())), self.per_client)
         upload = uuid.uuid4().hex
         try:
             self._data(upload).touch()
@@ -252,6 +247,15 @@ class Uploads:
 
     def _meta(self, upload: str) -> Path:
         return self.dir / f"{upload}.json"
+
+
+def check_per_client(client: str, running: int, limit: int) -> None:
+    """429 when `client` has `limit` uploads in progress already."""
+    if running >= limit:
+        raise TooManyRequests(
+            f"{client} has {running} uploads in progress, the most one client may have "
+            "(hosted.max_uploads_per_client); finish or cancel one first",
+            headers={"Retry-After": RETRY_AFTER})
 
 
 def range_headers(name: str, upload: str, offset: int) -> dict[str, str]:
