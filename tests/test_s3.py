@@ -17,16 +17,9 @@ import aiohttp
 import pytest
 
 from mirror.errors import RangeInvalid, StorageError
-from mirror.storage.s3 import (
-    CHUNK,
-    ObjectMissing,
-    ObjectStore,
-    ObjectStoreUnavailable,
-    S3Settings,
-)
+from mirror.storage.s3 import ObjectMissing, ObjectStore, ObjectStoreUnavailable, S3Settings
+from mirror.storage.s3_io import CHUNK
 from tests.support.seaweed import SeaweedFS
-
-pytest_plugins = ["tests.support.seaweed"]
 
 MiB = 1 << 20
 
