@@ -109,6 +109,9 @@ class Budget:
         """Write the clocks; evict when above the high watermark. (items, bytes) evicted."""
         await self.metadata.flush()
         await self.metadata.refresh_total()
+        if self.store.tier is not None:
+            # Copies skipped at admission because a response was sending them go now.
+            self.store.tier.trim()
         # A walk of uploads/ (a stat per upload): on a thread, not the event loop.
         self._extra_bytes = await asyncio.get_running_loop().run_in_executor(None, self._extra)
         if self.max_size is None or self.used <= self.max_size * self.high:
