@@ -21,11 +21,11 @@ from aiohttp import web
 from .. import metrics
 from ..cache.names import reserved
 from ..cache.proxy import Proxy
+from ..cluster import peers
 from ..errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
 from ..keys import BUDGET, HOSTED, PROXY, ROUTER
 from ..media import OCI_INDEX
 from ..reference import TAG, Route, is_digest, parse_digest, parse_name
-from ..cluster import peers
 from . import peers as api_peers
 from . import push, status
 from .responses import fill_response, stored_response
