@@ -171,6 +171,10 @@ async def _local_parts(config: Config) -> _Parts:
 async def _shared_parts(config: Config) -> _Parts:
     """S3 for the bytes, Redis for the metadata, the memory tier, uploads and the lease."""
     from redis.asyncio import from_url
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
     from .cluster.lease import Lease
     from .cluster.replicas import Replicas
@@ -187,7 +191,11 @@ async def _shared_parts(config: Config) -> _Parts:
     except BaseException:
         await remote.close()
         raise
-    redis = from_url(cluster.redis, socket_connect_timeout=2, socket_timeout=5)
+    # One quick retry of a refused, reset or slow connection before a caller falls back
+    # (a lease claim to filling alone): a busy moment must not cost an upstream fetch.
+    redis = from_url(cluster.redis, socket_connect_timeout=5, socket_timeout=5,
+                     retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), 1,
+                                 (RedisConnectionError, RedisTimeoutError)))
     store = BlobStore(storage.root, metadata, remote, storage.local_cache_size)
     if store.tier is not None:
         await asyncio.get_running_loop().run_in_executor(None, store.tier.load)

@@ -53,6 +53,10 @@ async def test_32_clients_over_3_replicas_make_one_upstream_fetch_per_blob_and_m
                         roles[role] += float(line.split()[-1])
     assert roles["holder"] == len(image.blobs) and roles["alone"] == 0, roles
     assert roles["follower"] >= 1, roles
+    # One copy into the bucket per blob, by its holder: the followers keep local copies.
+    texts = [r.log_text() for r in cluster.replicas]
+    for digest in image.blobs:
+        assert sum(text.count(f"uploaded {digest}") for text in texts) == 1, digest
     async with http.get(f"{cluster.urls[0]}/") as resp:
         page = await resp.text()
     assert "Cluster: 3 replica(s)" in page and "r1 (this one)" in page and "r3" in page

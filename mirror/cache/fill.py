@@ -143,6 +143,9 @@ class Fill:
         self.sources = [Source(route, open_body)]
         # Run by fills.py when the fill ended, committed or not (a cluster lease release).
         self.on_done: list[Callable[[], Any]] = []
+        # False for a follower in a cluster: the holder uploads the blob to the bucket, this
+        # fill keeps only its local copy (a takeover sets it back: then nobody else will).
+        self.upload = True
         self._readers = 0
         self._budget = overflow if overflow is not None else Overflow(OVERFLOW_LIMIT)
         if partial is None:
@@ -298,7 +301,7 @@ class Fill:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, os.fsync, self._fd)
-            await self.store.commit_async(self.spool, self.digest)
+            await self.store.commit_async(self.spool, self.digest, upload=self.upload)
         except (OSError, StorageError) as e:
             # The readers have every verified byte already; only the copy is lost.
             message = e.message if isinstance(e, StorageError) else f"{e.strerror} ({e.filename})"

@@ -40,6 +40,7 @@ async def shared_fill(leases: FillLeases, fills: Fills, store: BlobStore, route:
         metrics.CLUSTER_FILLS.inc(1, "follower")
         fill, fd = fills.join(digest, lambda start: leases.stream(claim.url, digest, start),
                               route=f"replica {claim.replica}")
+        fill.upload = False  # the holder uploads it; one copy into the bucket, not N
         fill.add_source(f"{route.key} (taking over from {claim.replica})",
                         lambda start: _takeover(leases, store, fill, claim, digest, start,
                                                 from_upstream))
@@ -66,6 +67,7 @@ async def _takeover(leases: FillLeases, store: BlobStore, fill: Fill, dead: Foll
             if isinstance(claim, Holding):
                 fill.on_done.append(claim.release)
             metrics.CLUSTER_TAKEOVERS.inc()
+            fill.upload = True  # the holder is gone: this fill is the one that stores it
             log.info("taking over the fill of %s from replica %s at byte %d", digest,
                      dead.replica, start)
             async with from_upstream(start) as body:

@@ -127,16 +127,25 @@ class BlobStore:
         self.usage.record_blob(digest, size)
         return final
 
-    async def commit_async(self, spool: Path, digest: str) -> Path:
+    async def commit_async(self, spool: Path, digest: str, upload: bool = True) -> Path:
         """`commit`, with the renaming and fsyncing on a worker thread; with S3, the upload
-        first (the durable copy), then the local copy if the tier keeps one."""
+        first (the durable copy), then the local copy if the tier keeps one. `upload=False`
+        (a cluster follower, whose holder uploads and enters the blob): the local copy only."""
         loop = asyncio.get_running_loop()
+        if self.remote is not None and not upload:
+            if self.tier is None:
+                spool.unlink(missing_ok=True)
+                return self.path(digest)
+            final, size = await loop.run_in_executor(None, self.place, spool, digest)
+            self.tier.admit(digest, size)
+            return final
         if self.remote is not None:
             size = await loop.run_in_executor(None, _size_of, spool)
             name = self.object_name(digest)
             # A blob read from the object store into the tier is there already.
             if self._remote_sizes.get(digest) != size and await self.remote.size(name) != size:
                 await self.remote.upload_file(name, spool, size)
+                log.info("uploaded %s to the object store (%d bytes)", digest, size)
             self._know_remote(digest, size)
             if self.tier is None:
                 spool.unlink(missing_ok=True)
