@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import logging
 import os
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", metavar="PATH", default=os.environ.get("MIRROR_CONFIG"),
                         help="TOML config file (default: $MIRROR_CONFIG, else embedded "
                              "defaults: 0.0.0.0:5000, ./data, Docker Hub and friends)")
+    parser.add_argument("--version", action="version", version=f"mirror {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the registry mirror")
     serve.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
@@ -70,6 +72,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_housekeeping(config, args))
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mirror")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _user_add(config: cfg.Config, args: argparse.Namespace) -> None:
     from .api.htpasswd import add_user
 
@@ -78,6 +89,10 @@ def _user_add(config: cfg.Config, args: argparse.Namespace) -> None:
         sys.exit("mirror: no htpasswd file: pass --htpasswd PATH or set access.htpasswd")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
+    elif not sys.stdin.isatty():
+        sys.exit("mirror: no terminal to ask for the password on; pipe it in with "
+                 f"--password-stdin (printf '%s\\n' \"$PASSWORD\" | mirror user add "
+                 f"{args.name} --password-stdin)")
     else:
         password = getpass.getpass(f"Password for {args.name}: ")
         if getpass.getpass("Again: ") != password:
@@ -224,3 +239,8 @@ def _serve(config: cfg.Config) -> None:
                     access_log_format=ACCESS_LOG, ssl_context=tls, print=None)
     except StorageError as e:  # at start: the bucket or Redis of a cluster config
         sys.exit(f"mirror: cannot start: {e.message}")
+    except OSError as e:  # the address: in use, or not this host's
+        if e.errno == errno.EADDRINUSE:
+            sys.exit(f"mirror: cannot listen on {config.server.listen}: the port is in use by "
+                     "another process; stop it, or set server.listen (MIRROR_SERVER_LISTEN)")
+        sys.exit(f"mirror: cannot listen on {config.server.listen}: {e.strerror or e}")

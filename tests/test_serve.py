@@ -103,3 +103,30 @@ def test_serve_over_https_with_the_configured_certificate(serve, tmp_path):
         except OSError:
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
+
+
+def test_a_port_in_use_is_one_line_that_names_it_and_the_fix(serve, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = serve(f'[server]\nlisten = "127.0.0.1:{port}"\n[storage]\nroot = "{tmp_path}/d"\n'
+                     '[[upstreams]]\nname = "docker.io"\nurl = "http://127.0.0.1:9"\n'
+                     'default = true\n')
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in out, out
+    assert "server.listen" in out and "Traceback" not in out, out
+
+
+def test_version_and_a_password_without_a_terminal(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    version = subprocess.run([sys.executable, "-m", "mirror", "--version"], env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("mirror 0."), version
+    htpasswd = tmp_path / "htpasswd"
+    added = subprocess.run([sys.executable, "-m", "mirror", "user", "add", "bob", "--htpasswd",
+                            str(htpasswd)], env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=30)
+    assert added.returncode == 1 and "Traceback" not in added.stderr, added.stderr
+    assert "--password-stdin" in added.stderr and not htpasswd.exists()
