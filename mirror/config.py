@@ -374,6 +374,10 @@ def _field_names(cls: type) -> set[str]:
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, f in fields.items():
+        if name not in values and f.default is dataclasses.MISSING and \
+                f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{name} is required")
     kwargs = {}
     for key, value in values.items():
         if key not in fields:

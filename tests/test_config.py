@@ -293,3 +293,9 @@ def test_commands_for_one_node_refuse_a_cluster_config_instead_of_reading_an_emp
         cli.main(["--config", write(tmp_path, CLUSTER), *command])
     assert "works on the filesystem backend only" in str(e.value)
     assert not (tmp_path / "data").exists()  # nothing was created under storage.root
+
+
+def test_an_upstream_without_url_names_the_missing_key(tmp_path):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(write(tmp_path, '[[upstreams]]\nname = "quay.io"\n'), environ={})
+    assert str(e.value) == "upstreams[0].url is required"
