@@ -97,12 +97,13 @@ class Hosted:
     # Blobs.
     async def blob_size(self, name: str, digest: str) -> int:
         try:
-            size = await self.metadata.hosted_blob(name, digest)
+            linked = await self.metadata.hosted_blob(name, digest)
         except MetadataUnavailable:
             # Which repository links it cannot be asked now; content by digest is the same
             # bytes for every name, and the object store still has them (see manifest()).
-            size = await self.store.stat(digest)
-        if size is None or await self.store.stat(digest) is None:
+            linked = True
+        size = await self.store.stat(digest) if linked is not None else None
+        if size is None:
             raise BlobUnknown(f"blob {digest} is not in {name}")
         return size
 

@@ -96,15 +96,22 @@ class ObjectUploads:
 
     async def _running(self, client: str) -> int:
         """Uploads of `client` still in progress (members whose record expired are pruned)."""
-        members = await self._call(self.redis.smembers(self._client(client)))
-        alive = 0
-        for member in members:
-            member = member.decode() if isinstance(member, bytes) else member
-            if await self._call(self.redis.exists(self._record(member))):
-                alive += 1
-            else:
-                await self._call(self.redis.srem(self._client(client), member))
-        return alive
+        members = [m.decode() if isinstance(m, bytes) else m for m in
+                   await self._call(self.redis.smembers(self._client(client)))]
+        alive = await self._alive(members)
+        gone = [m for m, up in zip(members, alive) if not up]
+        if gone:
+            await self._call(self.redis.srem(self._client(client), *gone))
+        return sum(alive)
+
+    async def _alive(self, uploads: list[str]) -> list[bool]:
+        """Whether each upload's record still exists: one round trip for all of them."""
+        if not uploads:
+            return []
+        async with self.redis.pipeline(transaction=False) as batch:
+            for upload in uploads:
+                batch.exists(self._record(upload))
+            return [bool(n) for n in await self._call(batch.execute())]
 
     async def _state(self, name: str, upload: str) -> dict[str, str]:
         if UPLOAD_ID.fullmatch(upload):
@@ -219,10 +226,10 @@ class ObjectUploads:
         await self._remove(upload, int(state["chunks"]))
 
     async def _remove(self, upload: str, chunks: int | None = None) -> None:
+        raw_chunks, raw_client = await self._call(
+            self.redis.hmget(self._record(upload), "chunks", "client"))
         if chunks is None:
-            raw = await self._call(self.redis.hget(self._record(upload), "chunks"))
-            chunks = int(raw) if raw is not None else 0
-        raw_client = await self._call(self.redis.hget(self._record(upload), "client"))
+            chunks = int(raw_chunks) if raw_chunks is not None else 0
         async with self.redis.pipeline(transaction=True) as tx:
             tx.delete(self._record(upload))
             if raw_client:
@@ -244,8 +251,9 @@ class ObjectUploads:
             by_upload.setdefault(upload, []).append((name, size, modified))
         live, stale = 0, []
         cutoff = time.time() - ORPHAN_SECONDS
-        for upload, objects in by_upload.items():
-            if await self._call(self.redis.exists(self._record(upload))):
+        alive = await self._alive(list(by_upload))
+        for (upload, objects), up in zip(by_upload.items(), alive):
+            if up:
                 live += sum(size for _, size, _ in objects)
             elif all(modified < cutoff for _, _, modified in objects):
                 stale.extend(name for name, _, _ in objects)
