@@ -106,6 +106,20 @@ async def test_a_blob_read_through_a_replica_without_a_local_tier_honours_ranges
         assert resp.status == 206
         assert resp.headers["Content-Range"] == f"bytes 1000-1999/{len(big)}"
         assert await resp.read() == big[1000:2000]
+    # Docker's and containerd's resume: `bytes=N-`, which must be a 206 with Content-Range.
+    resume = len(big) - 12345
+    async with http.get(f"{cluster.urls[1]}/v2/team/ranges/blobs/{digest}",
+                        headers={"Range": f"bytes={resume}-"}) as resp:
+        assert resp.status == 206
+        assert resp.headers["Content-Range"] == f"bytes {resume}-{len(big) - 1}/{len(big)}"
+        assert await resp.read() == big[resume:]
+    # zstd:chunked's multi-range: each part's bytes from the object.
+    async with http.get(f"{cluster.urls[0]}/v2/team/ranges/blobs/{digest}",
+                        headers={"Range": "bytes=0-9,5000000-5000009"}) as resp:
+        assert resp.status == 206
+        body = await resp.read()
+    assert big[0:10] in body and big[5000000:5000010] in body
+    assert resp.headers["Content-Type"].startswith("multipart/byteranges")
 
 
 async def test_redis_down_serves_by_digest_and_stale_tags_without_a_500_then_recovers(
@@ -295,3 +309,20 @@ async def test_a_monolithic_push_and_a_cancelled_upload_on_a_cluster(cluster_fac
         assert resp.status == 404
         assert (await resp.json())["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
     assert not cluster.objects("uploads/")
+
+
+async def test_the_per_client_upload_cap_counts_across_replicas(cluster_factory, http):
+    cluster = cluster_factory(count=2, hosted={"max_uploads_per_client": 2})
+    one, two = cluster.urls
+    started = []
+    for base in (one, two):
+        async with http.post(f"{base}/v2/team/cap/blobs/uploads/") as resp:
+            assert resp.status == 202
+            started.append(resp.headers["Location"])
+    async with http.post(f"{one}/v2/team/cap/blobs/uploads/") as resp:
+        assert resp.status == 429 and resp.headers["Retry-After"]
+        assert (await resp.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    async with http.delete(one + started[1]) as resp:  # started on two, cancelled on one
+        assert resp.status == 204
+    async with http.post(f"{two}/v2/team/cap/blobs/uploads/") as resp:
+        assert resp.status == 202

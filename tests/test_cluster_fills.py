@@ -200,6 +200,12 @@ async def test_a_range_and_a_late_joiner_on_a_follower_while_the_holder_fetches(
                         headers={"Range": "bytes=100-199"}) as resp:
         assert resp.status == 206
         assert await resp.read() == data[100:200]
+    async with http.get(f"{two}/v2/{image.name}/blobs/{layer}",  # a client's resume
+                        headers={"Range": f"bytes={len(data) - 1000}-"}) as resp:
+        assert resp.status == 206
+        assert resp.headers["Content-Range"] == \
+            f"bytes {len(data) - 1000}-{len(data) - 1}/{len(data)}"
+        assert await resp.read() == data[-1000:]
     late = await get_blob(http, two, image.name, layer)
     assert late == data and await first == data
     assert fetched(upstream, "GET", layer) == 1
