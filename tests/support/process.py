@@ -33,6 +33,8 @@ from typing import Any, Self
 
 import aiohttp
 
+from . import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 
 MANIFEST_TYPES = (
@@ -184,13 +186,7 @@ class MirrorProcess:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM to this PID (a clean shutdown), SIGKILL after `grace` seconds."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        stop_process(self.proc, grace)
 
     def restart(self, **settings: dict[str, Any]) -> MirrorProcess:
         self.kill()

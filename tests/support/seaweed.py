@@ -42,7 +42,6 @@ import json
 import random
 import secrets
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -59,6 +58,8 @@ import botocore.session
 import pytest
 
 from mirror.storage.s3 import S3Settings
+
+from . import stop_process
 
 SERVICES = ("master", "volume", "filer", "s3")
 GRPC_OFFSET = 10000
@@ -158,11 +159,7 @@ class SeaweedFS:
         """SIGTERM to our PID (SeaweedFS needs ~15 s), SIGKILL after `grace` seconds."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        stop_process(self.proc, grace)
         self._remove_sockets()
 
     def kill(self) -> None:
