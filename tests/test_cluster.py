@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import fetched
-from tests.support.cluster import MiB, RoundRobin, push_spread
+from tests.support.cluster import MiB, RoundRobin, push_spread, s3_client
 from tests.support.images import build_image, random_bytes, small_image
 from tests.support.process import get_blob, pull, sha256, wait_until, with_digest
 from tests.support.redis import RedisServer
@@ -326,3 +326,22 @@ async def test_the_per_client_upload_cap_counts_across_replicas(cluster_factory,
         assert resp.status == 204
     async with http.post(f"{two}/v2/team/cap/blobs/uploads/") as resp:
         assert resp.status == 202
+
+
+@pytest.mark.parametrize("local_tier", [True, False])
+async def test_an_object_evicted_by_another_replica_is_fetched_again_not_a_404(
+        cluster_factory, upstream, http, local_tier):
+    cluster = cluster_factory(count=2, local_tier=local_tier)
+    one, two = cluster.urls
+    image = upstream.push_image(f"team/gone{int(local_tier)}", "v1", f"gone{local_tier}",
+                                size=512 * 1024)
+    await pull(http, one, image.name, "v1")
+    layer = image.layer_digests[0]
+    key = f"blobs/sha256/{layer.partition(':')[2]}"
+    assert await wait_until(lambda: key in cluster.objects("blobs/"), timeout=20)
+    async with http.head(f"{two}/v2/{image.name}/blobs/{layer}") as resp:
+        assert resp.status == 200  # replica two now knows the object is there
+    s3_client(cluster.seaweed).delete_object(Bucket=cluster.bucket, Key=key)  # evicted
+    upstream.reset()
+    assert await get_blob(http, two, image.name, layer) == image.blobs[layer]
+    assert fetched(upstream, "GET", layer) == 1

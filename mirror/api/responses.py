@@ -48,6 +48,7 @@ from ..storage.s3 import ObjectMissing, ObjectStoreUnavailable
 
 if TYPE_CHECKING:
     from ..cache.proxy import Proxy
+    from ..reference import Route
 
 log = logging.getLogger("mirror")
 
@@ -131,7 +132,8 @@ def _ranges(request: web.Request, size: int) -> Ranges | None:
 
 
 async def stored_response(request: web.Request, proxy: Proxy, digest: str, size: int,
-                          headers: dict[str, str], hold: Releasable) -> web.StreamResponse:
+                          headers: dict[str, str], hold: Releasable,
+                          route: Route | None = None) -> web.StreamResponse:
     """A stored blob: from its local file by sendfile; else (S3) a redirect to the object,
     a fill of the local tier from it, or the object's bytes streamed through."""
     store = proxy.store
@@ -145,7 +147,7 @@ async def stored_response(request: web.Request, proxy: Proxy, digest: str, size:
             return await object_response(request, store, digest, size, headers)
     finally:
         hold.release()
-    fill, fd = proxy.store_fill(digest)  # into the local tier, read by every reader as it grows
+    fill, fd = proxy.store_fill(digest, route)  # into the local tier, read by every reader as it grows
     fill.readers += 1
     try:
         return await fill_response(request, fill, fd, headers)

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from .. import metrics
+from .. import logs, metrics
 from ..cache.names import reserved
 from ..cache.proxy import Proxy
 from ..cluster import peers
@@ -155,7 +155,23 @@ async def blob(request: web.Request) -> web.StreamResponse:
     except BaseException:
         hold.release()
         raise
-    return await stored_response(request, proxy, digest, size, headers, hold)
+    target = None if name or proxy.store.remote is None else _route_or_none(request)
+    try:
+        return await stored_response(request, proxy, digest, size, headers, hold, target)
+    except BlobUnknown:
+        # Another replica evicted the object since this one last saw it: a cached blob is
+        # fetched again, as on a miss (a hosted one is not evicted; a started response
+        # cannot be answered twice).
+        if target is None or proxy.store.remote is None or logs.response_started(request):
+            raise
+        return await _blob_fill(request, proxy, digest, headers)
+
+
+def _route_or_none(request: web.Request) -> Route | None:
+    try:
+        return route(request)
+    except NameUnknown:  # no upstream serves the name: nothing to fetch it again from
+        return None
 
 
 async def _blob_fill(request: web.Request, proxy: Proxy, digest: str,

@@ -243,11 +243,17 @@ class Proxy:
             self.usage.touch(digest)
         return size
 
-    def store_fill(self, digest: str) -> tuple[Fill, int]:
+    def store_fill(self, digest: str, route: Route | None = None) -> tuple[Fill, int]:
         """Join (or start) the fill of the local tier from the object store's copy: its
-        readers get the bytes as they arrive, checked against the digest again."""
-        return self.fills.join(digest, lambda start: object_body(self.store, digest, start),
-                               route="the object store")
+        readers get the bytes as they arrive, checked against the digest again. With a
+        route, the upstream is the fill's next source: another replica may have evicted
+        the object since this one saw it, and the fill then goes on from there."""
+        fill, fd = self.fills.join(digest, lambda start: object_body(self.store, digest, start),
+                                   route="the object store")
+        if route is not None and not self.offline:
+            upstream = self._upstream(route)
+            fill.add_source(route.key, lambda start: upstream.blob(route.name, digest, start))
+        return fill, fd
 
     async def blob_fill(self, route: Route, digest: str) -> tuple[Fill, int]:
         """Join (or start) the fill of a missing blob; the descriptor reads its spool.
