@@ -1,4 +1,9 @@
-"""The `mirror` command: argparse sub-commands, each a thin call into the modules below."""
+"""The `mirror` command: argparse sub-commands, each a thin call into the modules below.
+
+Every sub-command takes `--config` before or after its name (`mirror --config F gc` and
+`mirror gc --config F` are one command), and a one-line help in `mirror --help` plus a
+description in its own `--help`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import getpass
 import logging
 import os
 import sys
+from collections.abc import Callable, Mapping
 
 from . import config as cfg
 
@@ -16,45 +22,18 @@ CACHE_COMMANDS = ("prefetch", "export", "import", "ls", "du")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="mirror", description="Pull-through caching mirror and private registry.")
-    parser.add_argument("--config", metavar="PATH", default=os.environ.get("MIRROR_CONFIG"),
-                        help="TOML config file (default: $MIRROR_CONFIG, else embedded "
-                             "defaults: 0.0.0.0:5000, ./data, Docker Hub and friends)")
-    parser.add_argument("--version", action="version", version=f"mirror {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the registry mirror")
-    serve.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                       help="TOML config file (may also come before the command)")
-
-    user = commands.add_parser("user", help="manage the htpasswd file of client logins")
-    user_commands = user.add_subparsers(dest="action", required=True)
-    add = user_commands.add_parser("add", help="add a user, or set a user's password")
-    add.add_argument("name")
-    add.add_argument("--htpasswd", metavar="PATH",
-                     help="the file to change (default: access.htpasswd of the config)")
-    add.add_argument("--password-stdin", action="store_true",
-                     help="read the password from standard input instead of prompting")
-
-    tls = commands.add_parser("tls", help="certificates for serving HTTPS")
-    tls_commands = tls.add_subparsers(dest="action", required=True)
-    init = tls_commands.add_parser("init", help="create a private CA and a server certificate")
-    init.add_argument("--host", action="append", required=True, metavar="NAME",
-                      help="a DNS name or IP address clients use for the mirror (repeatable)")
-    init.add_argument("--dir", metavar="DIR",
-                      help="where to write them (default: <storage.root>/tls)")
-    _add_cache_commands(commands)
-    gc = commands.add_parser("gc", help="remove expired uploads, abandoned spools and blobs "
-                                        "nothing refers to")
-    gc.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
-                    help="keep unreferenced blobs used more recently than this (default 3600)")
-    commands.add_parser("verify", help="re-hash every stored blob; quarantine bad ones")
+    parser = _parser()
     args = parser.parse_args(argv)
 
+    environ: Mapping[str, str] = os.environ
+    if getattr(args, "listen", None) is not None:  # the flag wins over the file and env
+        environ = {**os.environ, "MIRROR_SERVER_LISTEN": args.listen}
     try:
-        config = cfg.load(args.config)
+        config = cfg.load(args.config, environ)
     except cfg.ConfigError as e:
-        sys.exit(f"mirror: config error: {e}")
+        given = " (given by --listen)" if environ is not os.environ and "server.listen" in str(e) \
+            else ""
+        sys.exit(f"mirror: config error: {e}{given}")
     if config.storage.backend != "filesystem" and args.command in (*CACHE_COMMANDS, "gc",
                                                                      "verify"):
         sys.exit(f"mirror: `mirror {args.command}` works on the filesystem backend only; this "
@@ -70,6 +49,74 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_cache_command(config, args))
     elif args.command in ("gc", "verify"):
         sys.exit(_housekeeping(config, args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirror", description="Pull-through caching mirror and private registry.")
+    parser.add_argument("--config", metavar="PATH", default=os.environ.get("MIRROR_CONFIG"),
+                        help="TOML config file (default: $MIRROR_CONFIG, else embedded "
+                             "defaults: 0.0.0.0:5000, ./data, Docker Hub and friends); "
+                             "may also follow the command")
+    parser.add_argument("--version", action="version", version=f"mirror {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(group: argparse._SubParsersAction, name: str, summary: str,
+                details: str = "") -> argparse.ArgumentParser:
+        """A sub-command: its one line in the list, and --help's description. Every one
+        takes --config after its name too (`mirror gc --config F`), like before it."""
+        sub = group.add_parser(name, help=summary,
+                               description=f"{summary[0].upper()}{summary[1:]}. {details}".strip())
+        sub.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                         help="TOML config file (may also come before the command)")
+        return sub
+
+    serve = command(commands, "serve", "run the registry mirror",
+                    "Serves the registry API on server.listen (HTTP, or HTTPS with "
+                    "server.tls_certificate), pulling through the configured upstreams and "
+                    "hosting what clients push; stops on SIGINT or SIGTERM.")
+    serve.add_argument("--listen", metavar="HOST:PORT",
+                       help="the address to listen on, overriding server.listen and "
+                            "MIRROR_SERVER_LISTEN (e.g. 127.0.0.1:5000, [::]:5000)")
+
+    user = commands.add_parser("user", help="manage the htpasswd file of client logins",
+                               description="Manage the htpasswd file of client logins.")
+    user_commands = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = command(user_commands, "add", "add a user, or set a user's password",
+                  "Writes a bcrypt entry; the password is asked on the terminal twice, or "
+                  "read from standard input with --password-stdin.")
+    add.add_argument("name")
+    add.add_argument("--htpasswd", metavar="PATH",
+                     help="the file to change (default: access.htpasswd of the config)")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read the password from standard input instead of prompting")
+
+    tls = commands.add_parser("tls", help="certificates for serving HTTPS",
+                              description="Certificates for serving HTTPS.")
+    tls_commands = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = command(tls_commands, "init", "create a private CA and a server certificate",
+                   "Run again with more --host names to add them: the CA in DIR is kept "
+                   "(clients trust it) and a new server certificate covers the old names and "
+                   "the new ones.")
+    init.add_argument("--host", action="append", required=True, metavar="NAME",
+                      help="a DNS name or IP address clients use for the mirror (repeatable)")
+    init.add_argument("--dir", metavar="DIR",
+                      help="where to write them (default: <storage.root>/tls)")
+    init.add_argument("--ca-name", metavar="NAME",
+                      help="the new CA's name, as clients show it (default: mirror CA "
+                           "<this host's name>)")
+    _add_cache_commands(commands, command)
+    gc = command(commands, "gc", "remove expired uploads, abandoned spools and blobs nothing "
+                                 "refers to",
+                 "Safe while the mirror runs: what a live server is writing is kept, and a "
+                 "blob is removed only through the same check the cache budget uses.")
+    gc.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                    help="keep unreferenced blobs used more recently than this (default 3600)")
+    command(commands, "verify", "re-hash every stored blob; quarantine bad ones",
+            "A bad blob is moved to <storage.root>/quarantine/. A cached one is fetched "
+            "again by the next pull; a pushed one is lost, and the hosted images that need "
+            "it are named, to be pushed again. Exits 1 when a blob was bad.")
+    return parser
 
 
 def _version() -> str:
@@ -101,7 +148,7 @@ def _user_add(config: cfg.Config, args: argparse.Namespace) -> None:
         sys.exit("mirror: an empty password is not allowed")
     try:
         new = add_user(path, args.name, password)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, cfg.ConfigError) as e:
         sys.exit(f"mirror: {e}")
     print(f"{'added' if new else 'changed the password of'} {args.name} in {path}")
 
@@ -109,13 +156,16 @@ def _user_add(config: cfg.Config, args: argparse.Namespace) -> None:
 def _tls_init(config: cfg.Config, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .ops.certs import client_instructions, make_ca_and_server_cert
+    from .ops.certs import CertificateError, client_instructions, init
 
     directory = Path(args.dir or os.path.join(config.storage.root, "tls"))
-    if (directory / "ca.key").exists():
-        sys.exit(f"mirror: {directory} already holds a CA; remove it first to make a new one")
-    make_ca_and_server_cert(directory, args.host)
-    print(client_instructions(directory, args.host, config.server.port))
+    try:
+        issued = init(directory, args.host, args.ca_name)
+    except CertificateError as e:
+        sys.exit(f"mirror: {e}")
+    except OSError as e:
+        sys.exit(f"mirror: cannot write to {directory}: {e.strerror or e}")
+    print(client_instructions(issued, config.server.port))
 
 
 def _housekeeping(config: cfg.Config, args: argparse.Namespace) -> int:
@@ -134,22 +184,29 @@ def _housekeeping(config: cfg.Config, args: argparse.Namespace) -> int:
     except CommandError as e:
         print(f"mirror: {e}", file=sys.stderr)
         return 1
+    quarantine = f"{config.storage.root}/quarantine/"
     for digest in report.bad:
-        print(f"BAD {digest}: moved to {config.storage.root}/quarantine/; the next pull "
-              "fetches it again")
+        pushed = ", ".join(report.pushed.get(digest, []))
+        if not pushed:
+            print(f"BAD {digest}: moved to {quarantine}; the next pull fetches it again")
+        elif digest in report.cached:  # one file for both: the cached image's pull mends it
+            print(f"BAD {digest}: moved to {quarantine}; the next pull of a cached image that "
+                  f"has it fetches it again, which also mends the hosted {pushed}")
+        else:
+            print(f"BAD {digest}: moved to {quarantine}; it was pushed here and no upstream "
+                  f"has it, so it is lost: {pushed} cannot be pulled until pushed again "
+                  "(only the missing blob is uploaded)")
     print(f"verified {report.checked} blobs: {report.checked - len(report.bad)} good, "
           f"{len(report.bad)} bad")
     return 1 if report.bad else 0
 
 
-def _add_cache_commands(commands: argparse._SubParsersAction) -> None:
+def _add_cache_commands(commands: argparse._SubParsersAction,
+                        make: Callable[..., argparse.ArgumentParser]) -> None:
     """prefetch, export, import, ls, du: the operator's view of the cache."""
 
     def command(name: str, summary: str) -> argparse.ArgumentParser:
-        parser = commands.add_parser(name, help=summary, description=summary)
-        parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                            help="TOML config file (may also come before the command)")
-        return parser
+        return make(commands, name, summary)
 
     prefetch = command("prefetch", "pull images through the running mirror into its cache")
     prefetch.add_argument("images", nargs="*", metavar="IMAGE",
@@ -166,11 +223,12 @@ def _add_cache_commands(commands: argparse._SubParsersAction) -> None:
     prefetch.add_argument("--jobs", type=int, default=4, metavar="N",
                           help="requests in flight (default: 4)")
 
-    export = command("export", "write cached images to an OCI image layout tar")
+    export = command("export", "write cached or pushed images to an OCI image layout tar")
     export.add_argument("images", nargs="+", metavar="IMAGE")
     export.add_argument("-o", "--output", required=True, metavar="BUNDLE.tar")
 
-    load = command("import", "load an OCI image layout tar into the cache")
+    load = command("import", "load an OCI image layout tar into the cache (pushed images "
+                             "into hosted repositories)")
     load.add_argument("bundle", metavar="BUNDLE.tar")
 
     for name, summary in (("ls", "list cached and hosted repositories, tags, sizes, last use"),

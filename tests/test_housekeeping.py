@@ -2,6 +2,7 @@
 unreferenced blobs but keeps hosted, pinned and referenced content; an old storage root is
 adopted into the ledger."""
 
+import json
 import os
 import time
 
@@ -112,6 +113,66 @@ async def test_verify_and_gc_commands(mirror, http, upstream, tmp_path):
     path = mirror.proxy.store.path(victim)
     path.write_bytes(path.read_bytes() + b"!")
     result = await run(config, "verify")
-    assert result.code == 1 and f"BAD {victim}" in result.out
+    assert result.code == 1 and result.out.splitlines()[0] == (
+        f"BAD {victim}: moved to {mirror.root}/quarantine/; the next pull fetches it again")
     result = await run(config, "gc")
     assert result.code == 0 and "removed 0 files" in result.out  # all still referenced
+
+
+async def test_verify_says_a_corrupt_pushed_blob_is_lost_and_names_who_needs_it(
+        mirror, http, upstream, tmp_path):
+    from tests.commands import run, write_config
+    from tests.test_push import error_code, push_blob, push_image
+    digest, manifest = await push_image(http, mirror, "team/tool", "1.0", b"pushed")
+    async with http.put(f"{mirror.url}/v2/team/tool/manifests/stable", data=manifest,
+                        headers={"Content-Type": json.loads(manifest)["mediaType"]}) as resp:
+        assert resp.status == 201
+    layer = json.loads(manifest)["layers"][0]["digest"]
+    path = mirror.proxy.store.path(layer)
+    good = path.read_bytes()
+    path.write_bytes(good + b"!")
+    config = write_config(tmp_path / "mirror.toml", mirror.config)
+
+    result = await run(config, "verify")
+    assert result.code == 1
+    assert result.out.splitlines()[0] == (
+        f"BAD {layer}: moved to {mirror.root}/quarantine/; it was pushed here and no upstream "
+        "has it, so it is lost: team/tool:1.0, team/tool:stable cannot be pulled until pushed "
+        "again (only the missing blob is uploaded)")
+    assert "next pull" not in result.out
+    # Nothing goes upstream for it; the manifest, whose bytes are sound, is kept.
+    async with http.get(f"{mirror.url}/v2/team/tool/blobs/{layer}") as resp:
+        assert resp.status == 404 and await error_code(resp) == "BLOB_UNKNOWN"
+    async with http.get(f"{mirror.url}/v2/team/tool/manifests/1.0") as resp:
+        assert resp.status == 200 and await resp.read() == manifest
+    assert upstream.proxy.requests == []
+    # Pushing the blob again mends the image.
+    assert await push_blob(http, mirror, "team/tool", good) == layer
+    async with http.get(f"{mirror.url}/v2/team/tool/blobs/{layer}") as resp:
+        assert await resp.read() == good
+
+
+async def test_verify_of_a_blob_both_cached_and_pushed_says_the_next_pull_mends_both(
+        mirror, http, upstream, tmp_path):
+    from tests.commands import run, write_config
+    from tests.test_push import image_manifest, push_blob
+    alpine = upstream.images["library/alpine"]
+    await pull(http, mirror, "library/alpine", "3.19")
+    await settle(mirror)
+    victim = max(alpine.layer_digests, key=lambda d: len(alpine.blobs[d]))
+    config_blob = b'{"shared": true}'
+    await push_blob(http, mirror, "team/copy", config_blob)
+    async with http.post(f"{mirror.url}/v2/team/copy/blobs/uploads/?mount={victim}"
+                         "&from=library/alpine") as resp:
+        assert resp.status == 201, await resp.text()
+    manifest = image_manifest(config_blob, [alpine.blobs[victim]])
+    async with http.put(f"{mirror.url}/v2/team/copy/manifests/v1", data=manifest,
+                        headers={"Content-Type": json.loads(manifest)["mediaType"]}) as resp:
+        assert resp.status == 201, await resp.text()
+    path = mirror.proxy.store.path(victim)
+    path.write_bytes(path.read_bytes()[:-1])
+    result = await run(write_config(tmp_path / "mirror.toml", mirror.config), "verify")
+    assert result.code == 1
+    assert result.out.splitlines()[0] == (
+        f"BAD {victim}: moved to {mirror.root}/quarantine/; the next pull of a cached image "
+        "that has it fetches it again, which also mends the hosted team/copy:v1")

@@ -130,3 +130,21 @@ def test_version_and_a_password_without_a_terminal(tmp_path):
                            capture_output=True, text=True, timeout=30)
     assert added.returncode == 1 and "Traceback" not in added.stderr, added.stderr
     assert "--password-stdin" in added.stderr and not htpasswd.exists()
+
+
+def test_listen_overrides_server_listen_of_the_config(serve, tmp_path):
+    configured, given = free_port(), free_port()
+    proc = serve(f'[server]\nlisten = "127.0.0.1:{configured}"\n[storage]\n'
+                 f'root = "{tmp_path}/d"\n[[upstreams]]\nname = "docker.io"\n'
+                 'url = "http://127.0.0.1:9"\ndefault = true\n', "--listen", f"127.0.0.1:{given}")
+    assert wait_for(f"http://127.0.0.1:{given}/v2/", proc) == b"{}"
+    with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(("127.0.0.1", configured))
+
+
+def test_a_bad_listen_address_is_a_config_error_naming_the_flag(serve, tmp_path):
+    proc = serve(f'[storage]\nroot = "{tmp_path}/d"\n', "--listen", "nowhere")
+    out, _ = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (
+        1, "mirror: config error: server.listen must be HOST:PORT, not 'nowhere' (given by "
+           "--listen)\n")

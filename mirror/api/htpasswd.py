@@ -110,13 +110,26 @@ def add_user(path: str | Path, name: str, password: str) -> bool:
         raise ValueError(f"the password is {len(password.encode())} bytes; bcrypt uses only "
                          f"the first {BCRYPT_LIMIT}, so choose one of at most {BCRYPT_LIMIT}")
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    # The directory is not made here: a missing one is most often a typo in the path, and a
+    # password file belongs in a directory whose owner and mode someone chose.
+    if not path.parent.is_dir():
+        raise HtpasswdError(f"cannot write {path}: the directory {path.parent} does not exist "
+                            f"(create it first: mkdir -p {path.parent})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    except (OSError, UnicodeDecodeError) as e:
+        raise HtpasswdError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     kept = [line for line in lines if line.partition(":")[0] != name]
     hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("\n".join(kept + [f"{name}:{hashed}"]) + "\n", encoding="utf-8")
-    temporary.chmod(0o600)
-    temporary.replace(path)  # never a half-written password file
+    try:
+        temporary.write_text("\n".join(kept + [f"{name}:{hashed}"]) + "\n", encoding="utf-8")
+        temporary.chmod(0o600)
+        temporary.replace(path)  # never a half-written password file
+    except OSError as e:
+        temporary.unlink(missing_ok=True)
+        # The temporary file is ours, not the operator's: name the file they asked for.
+        raise HtpasswdError(f"cannot write {path}: {e.strerror or e}") from None
     return len(kept) == len(lines)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 
 from .. import config as cfg
 from ..errors import (
@@ -35,6 +36,8 @@ from .proxy import Manifest
 
 log = logging.getLogger("mirror")
 
+NAMES_REREAD = 1.0  # seconds between re-reads of the hosted names, on a miss
+
 
 class Hosted:
     def __init__(self, names_: list[str], index: Index, store: BlobStore, config: cfg.Hosted,
@@ -47,6 +50,7 @@ class Hosted:
         # Every request asks whether its name is hosted: answer from memory, not SQLite.
         self._names = set(names_)
         self.shared = shared  # other replicas push too (cluster.redis)
+        self._names_read = time.monotonic()
 
     @classmethod
     async def open(cls, index: Index, store: BlobStore, config: cfg.Hosted,
@@ -64,7 +68,16 @@ class Hosted:
         if name in self._names:
             return True
         if not self.shared:
-            return False
+            # `mirror import` hosts repositories from another process: re-read the names on
+            # a miss, at most once a second (not a query per pull-through request).
+            if time.monotonic() - self._names_read < NAMES_REREAD:
+                return False
+            self._names_read = time.monotonic()
+            try:
+                self._names.update(await self.metadata.hosted_names())
+            except StorageError as e:
+                log.warning("cannot re-read the hosted repositories: %s", e.message)
+            return name in self._names
         try:
             found = await self.metadata.is_hosted(name)
         except StorageError as e:

@@ -4,15 +4,21 @@
       oci-layout                     {"imageLayoutVersion": "1.0.0"}
       index.json                     one descriptor per image, annotated with its full
                                      reference: org.opencontainers.image.ref.name =
-                                     docker.io/library/alpine:3.19
+                                     docker.io/library/alpine:3.19 for a cached image, the
+                                     pushed name (team/app:1.0) plus mirror.hosted = "true"
+                                     for a hosted one
       blobs/sha256/<hex>             manifests (byte-exact, parents before children), then
                                      configs and layers, each once
 
 It is the standard layout (image-spec "image-layout"), so skopeo and other tools read it
 (`skopeo copy oci-archive:bundle.tar:docker.io/library/alpine:3.19 ...`); the full
 reference is what lets `mirror import` (unbundle.py) put each image back under the
-upstream it came from. Export reads storage directly, so it works with the mirror stopped
-and sends no request anywhere; an index is carried with the platforms the cache holds.
+upstream it came from, and a hosted (pushed) image back into a hosted repository of the
+same name. A name is hosted when the server would answer it from a hosted repository (one
+exists under that name, and no upstream keeps the name for itself); otherwise it is looked up
+in the cache. Export reads storage directly, so it works with the mirror stopped and sends
+no request anywhere; an index is carried with the platforms the cache holds (a pushed index
+has all of them: a push needs every child first).
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ..cache.names import reserved
 from ..config import Config
 from ..media import DOCKER_SCHEMA1_SIGNED, OCI_INDEX
 from ..reference import Router
+from ..storage.metadata import HostedRepository
 from .local import (
     CommandError,
+    Image,
     Storage,
     full_reference,
     human_size,
@@ -43,6 +52,11 @@ from .progress import Progress, bar
 
 LAYOUT = b'{"imageLayoutVersion": "1.0.0"}'
 REF_NAME = "org.opencontainers.image.ref.name"
+# Marks a pushed image, so that import hosts it again instead of filing it under an
+# upstream. Without it a name whose first part is no upstream configured at the importing
+# mirror (quay.io/team/app exported where quay.io is configured) would turn into a hosted
+# repository silently.
+HOSTED = "mirror.hosted"
 COPY_CHUNK = 1 << 20
 
 
@@ -53,6 +67,7 @@ class Chosen:
     digest: str
     media_type: str
     size: int
+    hosted: bool = False
 
 
 @dataclass
@@ -100,6 +115,10 @@ async def _export(config: Config, texts: list[str], output: Path) -> int:
 async def _choose(storage: Storage, router: Router, text: str) -> Chosen:
     """The cached top-level manifest of an image; the index answer of a tag is preferred."""
     image = parse_image(text)
+    if ":" not in image.name.partition("/")[0] and reserved(image.name, router) is None:
+        repository = await storage.metadata.hosted(image.name)
+        if repository is not None:  # answered from there, never upstream (api/routes.py)
+            return await _choose_hosted(storage, image, repository)
     route = route_image(router, image)
     reference = full_reference(route, image.reference)
     if image.by_digest:
@@ -111,8 +130,28 @@ async def _choose(storage: Storage, router: Router, text: str) -> Chosen:
         record = await storage.index.tag(route.key, image.reference, accept_class)
         if record is not None and await storage.index.manifest(record.digest) is not None:
             return Chosen(reference, record.digest, record.media_type, record.size)
-    raise CommandError(f"{text} is not cached here ({reference} has no tag record); "
-                       "prefetch it first")
+    raise CommandError(f"{text} is not cached here ({reference} has no tag record) and "
+                       f"{image.name} is no hosted repository; prefetch it first")
+
+
+async def _choose_hosted(storage: Storage, image: Image, repository: HostedRepository) -> Chosen:
+    """The pushed manifest that `image` names in its hosted repository."""
+    if image.by_digest:
+        digest = image.reference if image.reference in repository.manifests else None
+    else:
+        digest = repository.tags.get(image.reference)
+    if digest is None:
+        tags = ", ".join(sorted(repository.tags)) or "none"
+        raise CommandError(f"{image.text}: the hosted repository {image.name} has no "
+                           f"{'manifest' if image.by_digest else 'tag'} {image.reference} "
+                           f"(its tags: {tags})")
+    found = await storage.index.manifest(digest)
+    if found is None:
+        raise CommandError(f"{image.text}: the pushed manifest {digest} is missing from "
+                           "storage (see `mirror verify`); push the image again")
+    separator = "@" if image.by_digest else ":"
+    return Chosen(f"{image.name}{separator}{image.reference}", digest, found[0],
+                  len(found[1]), hosted=True)
 
 
 async def _collect(storage: Storage, chosen: Chosen, contents: Contents) -> None:
@@ -125,8 +164,9 @@ async def _collect(storage: Storage, chosen: Chosen, contents: Contents) -> None
             continue
         found = await storage.index.manifest(digest)
         if found is None:
-            if required:
-                raise CommandError(f"{chosen.reference}: manifest {digest} is not cached")
+            if required or chosen.hosted:
+                raise CommandError(f"{chosen.reference}: manifest {digest} is not "
+                                   f"{_where(chosen)}")
             contents.missing_platforms += 1
             continue
         media_type, body = found
@@ -142,14 +182,20 @@ async def _collect(storage: Storage, chosen: Chosen, contents: Contents) -> None
         for blob, _ in image_blobs(document):
             size = storage.store.size(blob)
             if size is None:
-                raise CommandError(f"{chosen.reference} is not wholly cached: blob {blob} is "
-                                   "missing; prefetch it again")
+                again = "push it again" if chosen.hosted else "prefetch it again"
+                raise CommandError(f"{chosen.reference} is not wholly {_where(chosen)}: blob "
+                                   f"{blob} is missing; {again}")
             contents.blobs[blob] = size
+
+
+def _where(chosen: Chosen) -> str:
+    return "stored" if chosen.hosted else "cached"
 
 
 def _layout_index(contents: Contents) -> bytes:
     manifests = [{"mediaType": c.media_type, "digest": c.digest, "size": c.size,
-                  "annotations": {REF_NAME: c.reference}} for c in contents.images]
+                  "annotations": {REF_NAME: c.reference, **({HOSTED: "true"} if c.hosted else {})}}
+                 for c in contents.images]
     return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests},
                       indent=2).encode()
 

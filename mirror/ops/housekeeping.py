@@ -13,8 +13,12 @@
   push just uploaded or mounted is never taken. A file evicted by the live server while
   gc or verify walks the store is skipped.
 - verify: re-hashes every stored blob; one whose bytes do not match its name is moved to
-  `<root>/quarantine/`, and every manifest that refers to it is forgotten with its tags,
-  so the next pull fetches a good copy.
+  `<root>/quarantine/`, and every cached manifest that refers to it is forgotten with its
+  tags, so the next pull fetches a good copy. A pushed blob has no upstream to fetch it
+  from: the report names the hosted images that refer to it (they cannot be pulled until
+  it is pushed again), and their manifests are kept, whose bytes are sound, so that pushing
+  the image again uploads only what is missing. A blob both cached and pushed (one file)
+  comes back with the next pull of the cached image, for both.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class Report:
     removed: int = 0
     removed_bytes: int = 0
     bad: list[str] = field(default_factory=list)
+    # Of the bad blobs, the pushed ones: the hosted images (name:tag, name@digest) that
+    # refer to each, and whether a cached image has it too (its next pull mends both).
+    pushed: dict[str, list[str]] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)
     skipped_spools: bool = False  # a server holds the root: tmp/ is its business
 
 
@@ -138,12 +146,47 @@ async def verify(config: cfg.Config, progress=None) -> Report:
             report.bad.append(digest)
             quarantine.mkdir(exist_ok=True)
             os.replace(path, quarantine / f"{algorithm}-{expected}")
-            for parent in await _ancestors(storage.metadata, digest):
-                await storage.index.drop_manifest(parent)
+            parents = await _ancestors(storage.metadata, digest)
+            hosted = await _hosted_references(storage.metadata, digest, parents)
+            if hosted.images:
+                report.pushed[digest] = hosted.images
+            for parent in parents:
+                if parent not in hosted.manifests:  # a pushed manifest is kept (see above)
+                    await storage.index.drop_manifest(parent)
+                    report.cached.add(digest)
+            if not hosted.images:
+                report.cached.add(digest)
             await storage.metadata.forget(digest)
     finally:
         await storage.close()
     return report
+
+
+@dataclass
+class HostedReferences:
+    images: list[str] = field(default_factory=list)  # team/app:1.0, team/app@sha256:...
+    manifests: set[str] = field(default_factory=set)  # every manifest any repository holds
+
+
+async def _hosted_references(metadata: Metadata, digest: str,
+                             parents: list[str]) -> HostedReferences:
+    """The hosted images that have `digest` (linked, or by one of its `parents`)."""
+    found = HostedReferences()
+    for name in await metadata.hosted_names():
+        repository = await metadata.hosted(name)
+        if repository is None:
+            continue
+        found.manifests.update(repository.manifests)
+        having = {p for p in parents if p in repository.manifests}
+        if not having and digest not in repository.blobs:
+            continue
+        tagged = sorted(tag for tag, target in repository.tags.items() if target in having)
+        found.images += [f"{name}:{tag}" for tag in tagged]
+        untagged = having - {repository.tags[tag] for tag in tagged}
+        found.images += [f"{name}@{d}" for d in sorted(untagged)]
+        if not having:
+            found.images.append(f"{name} (a pushed blob no manifest refers to yet)")
+    return found
 
 
 def _hash_file(path: Path, algorithm: str) -> str | None:

@@ -4,6 +4,9 @@ person types them, and a mirror's storage opened from a process beside the runni
 An image is written as a client pulls it from this mirror: `alpine:3.19`,
 `library/alpine@sha256:...`, `quay.io/coreos/etcd:v3.5` (a leading upstream name or alias
 picks the upstream, as `/v2/<name>` routing does), with the tag `latest` when none is given.
+An upstream name may carry a port (`127.0.0.1:15300/team/app`, as the config allows and
+containerd's `?ns=` needs): a port is no part of a repository name, so that first component
+is checked as an upstream name and only the rest as a repository name.
 The storage is opened without the server's start-up housekeeping: its `tmp/` holds the
 spool files of fills the running server is writing, which a second process must not remove,
 and the metadata database (storage/sqlite.py) is safe to share with the server.
@@ -13,8 +16,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from urllib.parse import quote
 
-from ..config import Config
+from ..config import UPSTREAM_NAME, Config
 from ..errors import RegistryError
 from ..reference import Route, Router, is_digest, parse_digest, parse_name, parse_tag
 from ..storage.blobs import BlobStore
@@ -37,6 +41,15 @@ class Image:
     def by_digest(self) -> bool:
         return is_digest(self.reference)
 
+    def path(self, kind: str, reference: str) -> str:
+        """`/v2/<name>/<kind>/<reference>` as a client asks this mirror for it. An upstream
+        name with a port goes in `?ns=` (as containerd sends it): no repository name may
+        carry a port, so `/v2/127.0.0.1:15300/team/app/...` could not be routed."""
+        first, _, rest = self.name.partition("/")
+        if ":" in first:
+            return f"/v2/{rest}/{kind}/{reference}?ns={quote(first, safe='')}"
+        return f"/v2/{self.name}/{kind}/{reference}"
+
 
 def parse_image(text: str) -> Image:
     """`name[:tag]` or `name@digest`; a CommandError naming the image when it is malformed."""
@@ -50,14 +63,25 @@ def parse_image(text: str) -> Image:
             parse_tag(reference)
         else:
             name, reference = text, "latest"
-        parse_name(name)
+        first, _, rest = name.partition("/")
+        if rest and ":" in first and UPSTREAM_NAME.fullmatch(first):
+            parse_name(rest)  # host:port/<name>: routed by route_image to that upstream
+        else:
+            parse_name(name)
     except RegistryError as e:
         raise CommandError(f"{text}: {e.message}") from None
     return Image(name, reference, text)
 
 
 def route_image(router: Router, image: Image) -> Route:
+    first, _, rest = image.name.partition("/")
     try:
+        if ":" in first:  # host:port, which only an upstream name can be (see parse_image)
+            if first not in router.by_prefix:
+                raise CommandError(
+                    f"{image.text}: no upstream named {first} is configured here (configured: "
+                    f"{', '.join(sorted(router.by_prefix)) or 'none'})")
+            return router.route(rest, prefix=first)
         return router.route(image.name)
     except RegistryError as e:
         raise CommandError(f"{image.text}: {e.message}") from None

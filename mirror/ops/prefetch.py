@@ -121,7 +121,7 @@ class Prefetch:
             blobs[digest] = size
 
     async def _manifest(self, image: Image, reference: str) -> Manifest:
-        url = f"{self.base}/v2/{image.name}/manifests/{reference}"
+        url = self.base + image.path("manifests", reference)
         async with self.slots:
             try:
                 async with self.session.get(url, headers={"Accept": ACCEPT}) as response:
@@ -155,7 +155,7 @@ class Prefetch:
         received = 0
         async with self.slots:
             try:
-                async with self.session.get(f"{self.base}/v2/{image.name}/blobs/{digest}") as r:
+                async with self.session.get(self.base + image.path("blobs", digest)) as r:
                     if r.status != 200:
                         raise Failed(f"blob {digest}: {_error(r.status, await r.read())}")
                     async for chunk in r.content.iter_chunked(READ_CHUNK):

@@ -9,6 +9,10 @@ manifests, then tag records (both Accept classes for a single-platform manifest,
 for an index), the ledger and the catalog. So a corrupt or incomplete bundle stores
 nothing. An image's name comes from its `org.opencontainers.image.ref.name` annotation,
 a full reference (`docker.io/library/alpine:3.19`) whose first part names the upstream.
+An image marked `mirror.hosted` (a pushed one) goes back into the hosted repository of its
+name, as a push would put it there: the push-name rules (cache/names.py) are asked first,
+and its manifests are stored through cache/hosted.py, children before their index, so the
+repository links every blob and manifest it serves.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from ..cache import names
+from ..cache.hosted import Hosted
 from ..config import Config
 from ..errors import RegistryError
 from ..media import LIST_TYPES, OCI_MANIFEST
 from ..reference import Route, Router, parse_digest
 from ..storage.blobs import write_all
 from ..storage.index import TagRecord
-from .bundle import REF_NAME
+from .bundle import HOSTED, REF_NAME
 from .local import (
     CommandError,
     Storage,
@@ -106,6 +112,8 @@ class Plan:
     blobs: set[str] = field(default_factory=set)
     tags: list[tuple[Route, str, str]] = field(default_factory=list)  # route, tag, digest
     routes: list[Route] = field(default_factory=list)
+    hosted: list[tuple[str, str, str]] = field(default_factory=list)  # name, reference, digest
+    cached_digests: list[str] = field(default_factory=list)  # cached images named by digest
     missing_platforms: int = 0
 
 
@@ -123,8 +131,11 @@ async def _import(config: Config, path: Path) -> int:
     received = Received(storage, progress, total)
     try:
         layout = _read(path, received)
-        plan = await _plan(layout, received, storage, Router(config.upstreams))
+        router = Router(config.upstreams)
+        plan = await _plan(layout, received, storage, router, config)
         new = await _store(plan, received, storage)
+        if plan.hosted:
+            await _host(plan, storage, router, config)
     finally:
         received.discard()  # whatever was not committed
         progress.close()
@@ -133,11 +144,15 @@ async def _import(config: Config, path: Path) -> int:
         print(f"note: {plan.missing_platforms} platform manifest(s) of the indexes are not in "
               "the bundle", flush=True)
     size = sum(received.sizes.values())
-    print(f"imported {len(plan.routes)} image(s) from {path}: {len(plan.manifests)} manifests, "
+    images = len(plan.routes) + len(plan.hosted)
+    print(f"imported {images} image(s) from {path}: {len(plan.manifests)} manifests, "
           f"{len(plan.blobs)} blobs ({new} new), {human_size(size)} ({size} bytes), in "
           f"{time.monotonic() - started:.1f}s", flush=True)
     for route, tag, digest in plan.tags:
         print(f"  {route.key}:{tag} {digest}")
+    for name, reference, digest in plan.hosted:
+        separator = "@" if ":" in reference else ":"
+        print(f"  {name}{separator}{reference} {digest} (hosted)")
     return 0
 
 
@@ -185,12 +200,16 @@ def _json(data: bytes, what: str) -> dict:
 
 
 async def _plan(layout: dict, received: Received, storage: Storage,
-                router: Router) -> Plan:
+                router: Router, config: Config) -> Plan:
     plan = Plan()
     for entry in layout["manifests"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
             raise CommandError("index.json lists a manifest without a digest")
-        reference = (entry.get("annotations") or {}).get(REF_NAME)
+        annotations = entry.get("annotations") or {}
+        reference = annotations.get(REF_NAME)
+        if annotations.get(HOSTED) == "true":
+            await _plan_hosted(plan, received, storage, router, config, entry, reference)
+            continue
         image = parse_image(reference) if isinstance(reference, str) else None
         if image is None or "/" not in image.name or \
                 image.name.partition("/")[0] not in router.by_prefix:
@@ -204,9 +223,69 @@ async def _plan(layout: dict, received: Received, storage: Storage,
         if image.by_digest:
             if image.reference != entry["digest"]:
                 raise CommandError(f"{reference} is listed with digest {entry['digest']}")
+            plan.cached_digests.append(image.reference)
         else:
             plan.tags.append((route, image.reference, entry["digest"]))
     return plan
+
+
+async def _plan_hosted(plan: Plan, received: Received, storage: Storage, router: Router,
+                       config: Config, entry: dict, reference: object) -> None:
+    """A pushed image: its name must be one this mirror lets a client push to."""
+    image = parse_image(reference) if isinstance(reference, str) else None
+    if image is None or ":" in image.name.partition("/")[0]:
+        raise CommandError(f"{entry['digest']}: {REF_NAME} is {reference!r}, not the name and "
+                           "tag of a pushed image (team/app:1.0)")
+    exists = await storage.metadata.hosted(image.name) is not None
+    try:
+        names.check_name(image.name, config.hosted, router, exists)
+        if not exists:
+            await names.check_not_cached(image.name, router, storage.index)
+    except RegistryError as e:
+        raise CommandError(f"{reference} cannot be hosted here: {e.message}") from None
+    if image.by_digest and image.reference != entry["digest"]:
+        raise CommandError(f"{reference} is listed with digest {entry['digest']}")
+    before = plan.missing_platforms
+    await _visit(plan, received, storage, entry["digest"], entry.get("mediaType"), reference,
+                 required=True)
+    if plan.missing_platforms != before:  # a push needs every child of an index first
+        raise CommandError(f"{reference}: the bundle lacks manifests of this pushed index")
+    plan.hosted.append((image.name, image.reference, entry["digest"]))
+
+
+def _closure(plan: Plan, tops: list[str]) -> set[str]:
+    """The manifests of the plan that `tops` are or list."""
+    found: set[str] = set()
+    while tops:
+        digest = tops.pop()
+        if digest in found or digest not in plan.manifests:
+            continue
+        found.add(digest)
+        children = json.loads(plan.manifests[digest][1]).get("manifests")
+        tops += [c["digest"] for c in children if isinstance(c, dict)
+                 and isinstance(c.get("digest"), str)] if isinstance(children, list) else []
+    return found
+
+
+async def _host(plan: Plan, storage: Storage, router: Router, config: Config) -> None:
+    """Store the pushed images as a push would: each manifest into its repository by
+    digest, children before their index, then the tag. Every blob and manifest is in
+    storage already (_store), so nothing here can miss one."""
+    hosted = await Hosted.open(storage.index, storage.store, config.hosted, router)
+
+    async def push(name: str, digest: str, reference: str) -> None:
+        media_type, body = plan.manifests[digest]
+        children = json.loads(body).get("manifests")
+        for child in children if isinstance(children, list) else []:
+            if isinstance(child, dict) and isinstance(child.get("digest"), str):
+                await push(name, child["digest"], child["digest"])
+        await hosted.put_manifest(name, reference, media_type, body, [])
+
+    for name, reference, digest in plan.hosted:
+        try:
+            await push(name, digest, reference)
+        except RegistryError as e:
+            raise CommandError(f"{name}: {e.message}") from None
 
 
 async def _visit(plan: Plan, received: Received, storage: Storage, digest: str,
@@ -248,8 +327,10 @@ async def _store(plan: Plan, received: Received, storage: Storage) -> int:
             new += 1
         else:  # stored already: imported content counts as just used
             storage.metadata.record_blob(digest, storage.store.size(digest) or 0)
+    cached = _closure(plan, [digest for _, _, digest in plan.tags] + plan.cached_digests)
     for digest, (media_type, body) in plan.manifests.items():
-        await storage.index.put_manifest(digest, media_type, body)
+        if digest in cached:  # a pushed one is stored as a push stores it (_host)
+            await storage.index.put_manifest(digest, media_type, body)
     now = time.time()
     for route, tag, digest in plan.tags:
         media_type, body = plan.manifests[digest]
