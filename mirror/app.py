@@ -17,16 +17,17 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import errors, logs, metrics
+from . import banner, errors, logs, metrics
 from .api import connections, routes
 from .api.access import Access
+from .api.tokens import TokenKey
 from .cache.budget import Budget
 from .cache.fills import Fills
 from .cache.hosted import Hosted
 from .cache.proxy import Proxy
 from .cluster.fills import FillLeases
 from .config import Config
-from .keys import BUDGET, CONFIG, HOSTED, PROXY, REPLICAS, ROUTER, UPLOADS
+from .keys import ACCESS, BUDGET, CONFIG, HOSTED, PROXY, REPLICAS, ROUTER, UPLOADS
 from .ops import housekeeping
 from .reference import Router
 from .storage.blobs import BlobStore
@@ -36,7 +37,6 @@ from .storage.memory import Memory
 from .storage.metadata import Metadata
 from .storage.sqlite import SqliteMetadata
 from .storage.uploads import Uploads
-
 from .upstream.client import Upstream
 from .upstream.slots import Shared
 
@@ -53,17 +53,21 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 def make_app(config: Config) -> web.Application:
     middlewares = [errors.middleware, routes.refuse_hostile_paths]
     # Always installed: without logins it still keeps pushes to loopback clients.
-    access = Access(config.access)
+    # Client tokens (api/tokens.py): every replica signs with the cluster's secret.
+    access = Access(config.access, TokenKey(
+        config.storage.root, config.cluster.secret if config.cluster.redis else None))
     middlewares.append(access.middleware())
     # Request line, header and keep-alive limits and the header deadline: api/connections.py.
     app = connections.Application(config.limits, middlewares=middlewares)
     access.install(app)  # the startup warning; its password-check threads stop with the app
+    app[ACCESS] = access  # its token service answers /auth/token
     app[CONFIG] = config
     app[errors.STORAGE_ROOT] = config.storage.root
     app[ROUTER] = Router(config.upstreams)
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(_api_version)
-    app.on_response_prepare.append(metrics.on_response_prepare)
+    app[metrics.METRICS] = app_metrics = metrics.Metrics()
+    app.on_response_prepare.append(app_metrics.on_response_prepare)
     logs.install(app)
     routes.setup(app)
     return app
@@ -80,7 +84,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     metadata, store, memory = parts.metadata, parts.store, parts.memory
     store.remove_spools()
     index = Index(metadata, memory, store.remote)
-    fills = Fills(store)
+    app_metrics = app[metrics.METRICS]
+    fills = Fills(store, metrics=app_metrics)
+    app_metrics.fills_in_progress.set_function(lambda: len(fills.active))
     # auto_decompress off: blobs and manifests are hashed and served exactly as sent.
     session = aiohttp.ClientSession(
         auto_decompress=False,
@@ -90,12 +96,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
         cookie_jar=aiohttp.DummyCookieJar())
     slots = Shared(config.limits)  # global request slots and body permits
-    upstreams = {u.name: Upstream(u, config.limits, session, memory, slots)
+    upstreams = {u.name: Upstream(u, config.limits, session, memory, slots, metrics=app_metrics)
                  for u in config.upstreams}
     leases = None
     if parts.redis is not None and config.cluster.secret is not None:
         leases = FillLeases(parts.redis, parts.prefix, parts.replica, _advertise(config),
-                            config.cluster.secret, session, config.limits.stall_timeout)
+                            config.cluster.secret, session, config.limits.stall_timeout,
+                            metrics=app_metrics)
     app[PROXY] = Proxy(upstreams, index, store, fills, offline=config.server.offline,
                        cluster=leases)
     app[HOSTED] = await Hosted.open(index, store, config.hosted, app[ROUTER],
@@ -109,15 +116,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                                   in_flight=lambda digest: digest in fills.active,
                                   extra=extra, release=fills.release_partials,
                                   link_grace=config.hosted.upload_ttl, lease=parts.lease,
-                                  replicas=parts.replicas)
+                                  replicas=parts.replicas, metrics=app_metrics)
     if store.tier is not None:
         store.tier.in_use = budget.held
     if parts.replicas is not None:
         parts.replicas.holds = lambda: list(budget.readers)
         app[REPLICAS] = parts.replicas
-    log.info("serving %s with data in %s; upstreams: %s", config.server.listen,
-             parts.where, ", ".join(
-                 f"{u.name}={u.url}{' (default)' if u.default else ''}" for u in config.upstreams))
+    log.info("%s", banner.startup(config, parts.where))
     background = [asyncio.ensure_future(uploads.expire_forever()),
                   asyncio.ensure_future(budget.run_forever())]
     if parts.replicas is not None:

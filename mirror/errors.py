@@ -121,6 +121,11 @@ class RangeInvalid(RegistryError):
     code, status = "RANGE_INVALID", 416
 
 
+class TokenRequestInvalid(RegistryError):
+    """A token request the mirror's token service cannot answer (api/tokens.py)."""
+    code, status = "UNSUPPORTED", 400
+
+
 class NameUnknown(RegistryError):
     code, status = "NAME_UNKNOWN", 404
 

@@ -2,6 +2,7 @@
 
 from aiohttp import web
 
+from .api.access import Access
 from .cache.budget import Budget
 from .cache.hosted import Hosted
 from .cache.proxy import Proxy
@@ -11,6 +12,7 @@ from .reference import Router
 from .storage.uploads import Uploads
 
 CONFIG = web.AppKey("config", Config)
+ACCESS = web.AppKey("access", Access)
 ROUTER = web.AppKey("router", Router)
 PROXY = web.AppKey("proxy", Proxy)
 HOSTED = web.AppKey("hosted", Hosted)

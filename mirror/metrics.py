@@ -1,32 +1,13 @@
-"""Every metric in one place, and its Prometheus text rendering (exposition format 0.0.4).
+"""Every metric of one application, kept and rendered by prometheus_client.
 
-The metrics are process-wide module globals, as in prometheus_client's default registry:
-code anywhere does `metrics.CACHE_HITS.inc(1, "blob")`, and `GET /metrics` (status.py)
-renders them all. An increment is a dict update, never I/O: the manifest path runs it at
-thousands of requests per second.
-
-    mirror_http_requests_total{route,status}      responses, by route name and HTTP status
-    mirror_cache_hits_total{kind}                 manifest / blob requests answered with no
-                                                  upstream request
-    mirror_cache_misses_total{kind}               ... that needed the upstream (coalesced too)
-    mirror_coalesced_requests_total{kind}         misses that joined a fetch already running
-    mirror_cache_bytes_total{kind}                body bytes sent to clients from the cache
-    mirror_upstream_bytes_total{upstream}         body bytes received from each upstream
-    mirror_upstream_requests_total{upstream}      requests sent to each upstream
-    mirror_upstream_errors_total{upstream}        of those, failed: unreachable, 5xx, 429,
-                                                  a body that broke off
-    mirror_upstream_rate_limited_total{upstream}  of those, answered 429
-    mirror_fill_duration_seconds                  histogram of blob fills, start to commit
-    mirror_fills_failed_total                     blob fills that stored nothing
-    mirror_fills_in_progress                      gauge, set when /metrics is read
-    mirror_disk_used_bytes, mirror_disk_budget_bytes
-                                                  gauges read through `set_disk` callbacks;
-                                                  until some code registers them, the budget
-                                                  is reported as 0 and the use is left out
-                                                  (walking the blob tree per scrape is too
-                                                  slow for a large cache)
-    mirror_evictions_total, mirror_evicted_bytes_total
-                                                  what the disk budget removed
+Each application owns one `Metrics` (make_app stores it under METRICS): its own
+`prometheus_client.CollectorRegistry` holding the counters, gauges and the histogram below,
+so two applications in one process (tests, benchmarks) never see each other's counts. The
+code that counts is handed the object (Upstream, Fills, Budget, FillLeases) or reads it
+from the request's application (handlers). An increment is a lock and an addition, never
+I/O: the manifest path runs it at thousands of requests per second. docs/metrics.md lists
+each metric with its type, labels and meaning, and tests/test_metrics.py holds the two to
+each other. Live values (fills running, disk use) are read when /metrics is scraped.
 
 Blob hits and misses count GETs, by whether the blob was committed; a miss that finds the
 fill of its digest running is coalesced. Manifest hits and misses (GET and HEAD) are told
@@ -40,213 +21,246 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 import time
-from bisect import bisect_left
 from operator import itemgetter
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
+import prometheus_client
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("mirror")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STARTED = time.time()
+# `_created` samples (the time each series began) would double the exposition for nothing a
+# dashboard of this mirror reads; the switch is prometheus_client's and process-wide.
+prometheus_client.disable_created_metrics()
 
-Sample = tuple[str, dict[str, str], float]  # (name suffix, labels, value)
-
-REGISTRY: list[Metric] = []
-
-
-class Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()):
-        self.name = name
-        self.help = help
-        self.labels = labels
-        REGISTRY.append(self)
-
-    def samples(self) -> Iterator[Sample]:
-        raise NotImplementedError
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+KINDS = ("manifest", "blob")
+ROLES = ("holder", "follower", "alone")
 
 
-class Counter(Metric):
-    """A count that only goes up; `inc(amount, *label_values)`."""
+class UpstreamCounts(NamedTuple):
+    """One upstream's series, bound once: its requests count them on every chunk."""
 
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()):
-        super().__init__(name, help, labels)
-        self.values: dict[tuple, float] = {}
-
-    def inc(self, amount: float = 1, *labels: object) -> None:
-        self.values[labels] = self.values.get(labels, 0) + amount
-
-    def value(self, *labels: object) -> float:
-        return self.values.get(labels, 0)
-
-    def total(self) -> float:
-        return sum(self.values.values())
-
-    def samples(self) -> Iterator[Sample]:
-        if not self.labels and not self.values:
-            yield "", {}, 0
-        for key, value in sorted(self.values.items(), key=lambda kv: tuple(map(str, kv[0]))):
-            yield "", dict(zip(self.labels, map(str, key))), value
+    requests: Counter
+    errors: Counter
+    rate_limited: Counter
+    bytes: Counter
 
 
-class Gauge(Metric):
-    """A value that goes up and down: set by `set`, or read from `function` when rendered."""
+class Metrics:
+    """The metrics of one application, in a registry of its own."""
 
-    kind = "gauge"
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.started = time.time()  # for the status page's uptime
+        self.requests = Counter("mirror_http_requests_total",
+                                "HTTP responses, by route name and status.",
+                                ("route", "status"), registry=r)
+        self.cache_hits = Counter("mirror_cache_hits_total", "Manifest and blob requests "
+                                  "answered without any upstream request.", ("kind",), registry=r)
+        self.cache_misses = Counter("mirror_cache_misses_total", "Manifest and blob requests "
+                                    "that needed the upstream, coalesced ones included.",
+                                    ("kind",), registry=r)
+        self.coalesced = Counter("mirror_coalesced_requests_total", "Cache misses that joined "
+                                 "a fetch of the same content already running instead of "
+                                 "starting one.", ("kind",), registry=r)
+        self.cache_bytes = Counter("mirror_cache_bytes_total",
+                                   "Body bytes sent to clients from the cache (hits).",
+                                   ("kind",), registry=r)
+        self.upstream_bytes = Counter("mirror_upstream_bytes_total",
+                                      "Body bytes received from each upstream.", ("upstream",),
+                                      registry=r)
+        self.upstream_requests = Counter("mirror_upstream_requests_total",
+                                         "Requests sent to each upstream.", ("upstream",),
+                                         registry=r)
+        self.upstream_errors = Counter("mirror_upstream_errors_total", "Upstream requests that "
+                                       "failed: unreachable, 5xx, 429, a body that broke off.",
+                                       ("upstream",), registry=r)
+        self.upstream_rate_limited = Counter("mirror_upstream_rate_limited_total",
+                                             "Upstream answers 429 Too Many Requests.",
+                                             ("upstream",), registry=r)
+        self.fill_seconds = Histogram("mirror_fill_duration_seconds",
+                                      "Blob fills from the first upstream request to the commit.",
+                                      buckets=FILL_BUCKETS, registry=r)
+        self.fills_failed = Counter("mirror_fills_failed_total",
+                                    "Blob fills that stored nothing.", registry=r)
+        self.fills_in_progress = Gauge("mirror_fills_in_progress", "Blob fills running now.",
+                                       registry=r)
+        self.disk = Disk()
+        r.register(self.disk)
+        self.cluster_fills = Counter(
+            "mirror_cluster_fills_total", "Blob fills started by this replica, by its part: "
+            "holder (fetched from the upstream for the cluster), follower (streamed from the "
+            "holder), alone (Redis did not answer: fetched without a lease).", ("role",),
+            registry=r)
+        self.cluster_takeovers = Counter(
+            "mirror_cluster_takeovers_total",
+            "Fills this replica went on with after their holder died or stalled.", registry=r)
+        self.cluster_lease_failures = Counter(
+            "mirror_cluster_lease_failures_total",
+            "Fill leases not taken because Redis did not answer.", registry=r)
+        self.peer_streams = Counter("mirror_cluster_peer_streams_total",
+                                    "Fills this replica streamed to other replicas.", registry=r)
+        self.evictions = Counter("mirror_evictions_total",
+                                 "Blobs and manifests evicted by the disk budget.", registry=r)
+        self.evicted_bytes = Counter("mirror_evicted_bytes_total",
+                                     "Bytes evicted by the disk budget.", registry=r)
+        # CPU, memory and descriptors of the process (process_*), as the default registry
+        # of prometheus_client would have them.
+        ProcessCollector(registry=r)
+        # Series that exist from the start, so rate() sees their first increment.
+        for kind in KINDS:
+            for counter in (self.cache_hits, self.cache_misses, self.coalesced,
+                            self.cache_bytes):
+                counter.labels(kind)
+        for role in ROLES:
+            self.cluster_fills.labels(role)
+        # Bound series for the hottest paths: `labels()` costs ~4 us, `inc()` on a bound
+        # series ~1 us, and every response and manifest lookup counts.
+        self._responses: dict[tuple[str, int], Counter] = {}
+        self._manifest = (self.cache_hits.labels("manifest"),
+                          self.cache_misses.labels("manifest"),
+                          self.coalesced.labels("manifest"))
+        self.repositories = Tally()
+        self._lookups: dict[tuple[str, str], _Shared] = {}
 
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = (),
-                 function: Callable[[], float | None] | None = None):
-        super().__init__(name, help, labels)
-        self.values: dict[tuple, float] = {}
-        self.function = function
+    def exposition(self) -> bytes:
+        """The text format of every metric, as `GET /metrics` answers it."""
+        return prometheus_client.generate_latest(self.registry)
 
-    def set(self, value: float, *labels: object) -> None:
-        self.values[labels] = value
+    def upstream(self, name: str) -> UpstreamCounts:
+        """The series of upstream `name`, created at zero."""
+        return UpstreamCounts(self.upstream_requests.labels(name),
+                              self.upstream_errors.labels(name),
+                              self.upstream_rate_limited.labels(name),
+                              self.upstream_bytes.labels(name))
 
-    def value(self, *labels: object) -> float | None:
-        if self.function is not None and not labels:
-            return self.function()
-        return self.values.get(labels)
+    def set_disk(self, used: Callable[[], float | None],
+                 budget: Callable[[], float | None]) -> None:
+        """Register what the disk gauges read at each scrape (cheap: no tree walks)."""
+        self.disk.used, self.disk.budget = used, budget
 
-    def samples(self) -> Iterator[Sample]:
-        if self.function is not None:
-            try:
-                value = self.function()
-            except Exception:  # a broken callback must not break the scrape
-                log.exception("metric %s: its callback failed", self.name)
-                value = None
-            if value is not None:
-                yield "", {}, value
-            return
-        for key, value in sorted(self.values.items(), key=lambda kv: tuple(map(str, kv[0]))):
-            yield "", dict(zip(self.labels, map(str, key))), value
+    async def on_response_prepare(self, request: web.Request,
+                                  response: web.StreamResponse) -> None:
+        """Count every response by route and status; add a cache hit's bytes."""
+        key = (ROUTE_NAMES.get(request.match_info.handler, "other"), response.status)
+        series = self._responses.get(key)
+        if series is None:  # a few routes times a few statuses: it stays small
+            series = self._responses[key] = self.requests.labels(*key)
+        series.inc()
+        route = key[0]
+        if route == "blob" and request.get(CACHE_HIT) and request.method != "HEAD" \
+                and response.content_length:
+            self.cache_bytes.labels("blob").inc(response.content_length)
 
+    # Manifest lookups: hit, miss or coalesced (see the module docstring).
+    def start_lookup(self, repository: str, reference: str) -> Lookup:
+        """`repository` as reference.Route.key names it: "<upstream>/<name>"."""
+        key = (repository, reference)
+        shared = self._lookups.get(key)
+        if shared is None:
+            shared = self._lookups[key] = _Shared(key)
+        shared.users += 1
+        lookup = Lookup()
+        lookup.shared, lookup.seen, lookup.busy = shared, shared.asks, shared.unclaimed > 0
+        return lookup
 
-class Histogram(Metric):
-    """Observations counted into buckets by upper bound (`le`), plus their sum and count."""
+    def finish_lookup(self, lookup: Lookup) -> bool:
+        """Count the request as a hit, a miss or a coalesced miss; True for a hit."""
+        shared = lookup.shared
+        shared.users -= 1
+        if not shared.users:
+            del self._lookups[shared.key]
+        if not lookup.busy and shared.asks == lookup.seen:
+            self._manifest[0].inc()
+            return True
+        # It waited for an upstream request: the first to finish counts as the one that
+        # asked (the totals are what matter), every other one as coalesced.
+        self._manifest[1].inc()
+        if shared.unclaimed:
+            shared.unclaimed -= 1
+        else:
+            self._manifest[2].inc()
+        return False
 
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
-        super().__init__(name, help)
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.buckets) + 1)  # per bucket, the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def samples(self) -> Iterator[Sample]:
-        cumulative = 0
-        for bound, count in zip((*self.buckets, math.inf), self.counts):
-            cumulative += count
-            yield "_bucket", {"le": _number(bound)}, cumulative
-        yield "_sum", {}, self.sum
-        yield "_count", {}, self.count
-
-
-REQUESTS = Counter("mirror_http_requests_total",
-                   "HTTP responses, by route name and status.", ("route", "status"))
-CACHE_HITS = Counter("mirror_cache_hits_total",
-                     "Manifest and blob requests answered without any upstream request.",
-                     ("kind",))
-CACHE_MISSES = Counter("mirror_cache_misses_total",
-                       "Manifest and blob requests that needed the upstream, coalesced ones "
-                       "included.", ("kind",))
-COALESCED = Counter("mirror_coalesced_requests_total",
-                    "Cache misses that joined a fetch of the same content already running "
-                    "instead of starting one.", ("kind",))
-CACHE_BYTES = Counter("mirror_cache_bytes_total",
-                      "Body bytes sent to clients from the cache (hits).", ("kind",))
-UPSTREAM_BYTES = Counter("mirror_upstream_bytes_total",
-                         "Body bytes received from each upstream.", ("upstream",))
-UPSTREAM_REQUESTS = Counter("mirror_upstream_requests_total",
-                            "Requests sent to each upstream.", ("upstream",))
-UPSTREAM_ERRORS = Counter("mirror_upstream_errors_total",
-                          "Upstream requests that failed: unreachable, 5xx, 429, a body that "
-                          "broke off.", ("upstream",))
-UPSTREAM_RATE_LIMITED = Counter("mirror_upstream_rate_limited_total",
-                                "Upstream answers 429 Too Many Requests.", ("upstream",))
-FILL_SECONDS = Histogram("mirror_fill_duration_seconds",
-                         "Blob fills from the first upstream request to the commit.",
-                         (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
-FILLS_FAILED = Counter("mirror_fills_failed_total", "Blob fills that stored nothing.")
-FILLS_IN_PROGRESS = Gauge("mirror_fills_in_progress", "Blob fills running now.")
-DISK_USED = Gauge("mirror_disk_used_bytes",
-                  "Bytes the cache uses on disk; absent until the disk budget reports it.")
-DISK_BUDGET = Gauge("mirror_disk_budget_bytes",
-                    "The disk budget in bytes; 0 when none is configured or reported.",
-                    function=lambda: 0)
-CLUSTER_FILLS = Counter("mirror_cluster_fills_total",
-                        "Blob fills started by this replica, by its part: holder (fetched from "
-                        "the upstream for the cluster), follower (streamed from the holder), "
-                        "alone (Redis did not answer: fetched without a lease).", ("role",))
-CLUSTER_TAKEOVERS = Counter("mirror_cluster_takeovers_total",
-                            "Fills this replica went on with after their holder died or stalled.")
-CLUSTER_LEASE_FAILURES = Counter("mirror_cluster_lease_failures_total",
-                                 "Fill leases not taken because Redis did not answer.")
-PEER_STREAMS = Counter("mirror_cluster_peer_streams_total",
-                       "Fills this replica streamed to other replicas.")
-EVICTIONS = Counter("mirror_evictions_total", "Blobs and manifests evicted by the disk budget.")
-EVICTED_BYTES = Counter("mirror_evicted_bytes_total", "Bytes evicted by the disk budget.")
-
-
-def set_disk(used: Callable[[], float | None], budget: Callable[[], float | None]) -> None:
-    """Register the callbacks the disk gauges read at each scrape (cheap: no tree walks)."""
-    DISK_USED.function = used
-    DISK_BUDGET.function = lambda: budget() or 0  # no budget: 0, as documented above
-
-
-def disk() -> tuple[float | None, float | None]:
-    """(bytes used, budget bytes), None when not reported; for the status page."""
-    return DISK_USED.value(), DISK_BUDGET.value() or None
-
-
-def render() -> str:
-    lines = []
-    for metric in REGISTRY:
-        lines.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
-        lines.append(f"# TYPE {metric.name} {metric.kind}")
-        for suffix, labels, value in metric.samples():
-            lines.append(f"{metric.name}{suffix}{_labels(labels)} {_number(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape_value(v)}"' for k, v in labels.items()) + "}"
-
-
-def _escape_value(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        return str(int(value))
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(value)
+    def upstream_request(self, upstream: str, name: str, path: str) -> None:
+        """Called by Upstream.open for every request it sends (`name` as the upstream
+        knows it)."""
+        self.upstream_requests.labels(upstream).inc()
+        _, manifests, reference = path.rpartition("/manifests/")
+        if manifests:
+            shared = self._lookups.get((f"{upstream}/{name}", reference))
+            if shared is not None:
+                shared.asks += 1
+                shared.unclaimed += 1
 
 
-# Manifest lookups: hit, miss or coalesced (see the module docstring).
+class Disk(Collector):
+    """mirror_disk_used_bytes and mirror_disk_budget_bytes, read from callbacks at each
+    scrape. Until the budget registers them the budget is 0 and the use is left out:
+    walking the blob tree per scrape is too slow for a large cache."""
+
+    def __init__(self) -> None:
+        self.used: Callable[[], float | None] = lambda: None
+        self.budget: Callable[[], float | None] = lambda: None
+
+    def read(self) -> tuple[float | None, float | None]:
+        """(bytes used, budget bytes), None when not reported; for the status page too."""
+        try:
+            return self.used(), self.budget() or None
+        except Exception:  # a broken callback must not break the scrape
+            log.exception("the disk metrics' callback failed")
+            return None, None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        used, budget = self.read()
+        yield _gauge("mirror_disk_used_bytes",
+                     "Bytes the cache uses on disk; absent until the disk budget reports it.",
+                     used)
+        yield _gauge("mirror_disk_budget_bytes",
+                     "The disk budget in bytes; 0 when none is configured or reported.",
+                     budget or 0)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("mirror_disk_used_bytes", ""),
+                GaugeMetricFamily("mirror_disk_budget_bytes", "")]
+
+
+def _gauge(name: str, documentation: str, value: float | None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    if value is not None:
+        family.add_metric([], value)
+    return family
+
+
+# Reading values back, for the status page: through the metric's own samples.
+def total(metric: Counter) -> float:
+    """The sum of a counter's series, every label value."""
+    return sum(by_label(metric).values())
+
+
+def value(metric: Counter, **labels: str) -> float:
+    """One series of a counter; 0 when it was never counted."""
+    return sum(sample.value for family in metric.collect() for sample in family.samples
+               if sample.name.endswith("_total") and sample.labels == labels)
+
+
+def by_label(metric: Counter, label: str | None = None) -> dict[str, float]:
+    """A counter's values summed per value of `label` (None: all under "")."""
+    sums: dict[str, float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = sample.labels.get(label, "") if label else ""
+                sums[key] = sums.get(key, 0.0) + sample.value
+    return sums
+
+
 class _Shared:
     """The lookups of one (repository, reference) open now."""
 
@@ -263,51 +277,6 @@ class Lookup:
     """One manifest request, from `start_lookup` to `finish_lookup`."""
 
     __slots__ = ("shared", "seen", "busy")
-
-
-_lookups: dict[tuple[str, str], _Shared] = {}
-
-
-def start_lookup(repository: str, reference: str) -> Lookup:
-    """`repository` as reference.Route.key names it: "<upstream>/<name>"."""
-    key = (repository, reference)
-    shared = _lookups.get(key)
-    if shared is None:
-        shared = _lookups[key] = _Shared(key)
-    shared.users += 1
-    lookup = Lookup()
-    lookup.shared, lookup.seen, lookup.busy = shared, shared.asks, shared.unclaimed > 0
-    return lookup
-
-
-def finish_lookup(lookup: Lookup) -> bool:
-    """Count the request as a hit, a miss or a coalesced miss; True for a hit."""
-    shared = lookup.shared
-    shared.users -= 1
-    if not shared.users:
-        del _lookups[shared.key]
-    if not lookup.busy and shared.asks == lookup.seen:
-        CACHE_HITS.inc(1, "manifest")
-        return True
-    # It waited for an upstream request: the first to finish counts as the one that asked
-    # (the totals are what matter), every other one as coalesced.
-    CACHE_MISSES.inc(1, "manifest")
-    if shared.unclaimed:
-        shared.unclaimed -= 1
-    else:
-        COALESCED.inc(1, "manifest")
-    return False
-
-
-def upstream_request(upstream: str, name: str, path: str) -> None:
-    """Called by Upstream.open for every request it sends (`name` as the upstream knows it)."""
-    UPSTREAM_REQUESTS.inc(1, upstream)
-    _, manifests, reference = path.rpartition("/manifests/")
-    if manifests:
-        shared = _lookups.get((f"{upstream}/{name}", reference))
-        if shared is not None:
-            shared.asks += 1
-            shared.unclaimed += 1
 
 
 # Busiest repositories, for the status page (not a metric: unbounded label values would
@@ -331,19 +300,10 @@ class Tally:
         return heapq.nlargest(n, self.counts.items(), key=itemgetter(1))
 
 
-REPOSITORIES = Tally()
-
-# The name each handler's requests are counted under; routes.setup fills it in.
+METRICS = web.AppKey("metrics", Metrics)
+# The name each handler's requests are counted under; routes.setup fills it in (the same
+# handlers in every application, so one table for all).
 ROUTE_NAMES: dict[Callable, str] = {}
 # A request key marking a blob cache hit: its body size (Range) is known only when the
 # response is prepared, and counted then.
 CACHE_HIT = web.RequestKey("cache_hit", bool)
-
-
-async def on_response_prepare(request, response) -> None:
-    """Count every response by route and status; add a cache hit's bytes."""
-    route = ROUTE_NAMES.get(request.match_info.handler, "other")
-    REQUESTS.inc(1, route, response.status)
-    if route == "blob" and request.get(CACHE_HIT) and request.method != "HEAD" \
-            and response.content_length:
-        CACHE_BYTES.inc(response.content_length, "blob")

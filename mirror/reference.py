@@ -8,7 +8,10 @@ Routing (PROTOCOL.md, "URL shapes"): the `ns` query parameter first (containerd 
 every request to a mirror), then a path prefix — outside `/<prefix>/v2/<name>` (Docker >= 25
 mirror URLs) or inside `/v2/<prefix>/<name>` (podman `location = "m/hub"`) — then the
 default upstream. `ns` and prefixes are keys into the configured upstreams, never hosts to
-dial: an unknown one is NAME_UNKNOWN and opens no connection.
+dial: an unknown one is NAME_UNKNOWN and opens no connection. So is a name whose first
+component has a dot but names no upstream (`example.com/foo`) when the default is Docker
+Hub (`library` set): no Hub namespace has a dot, so it can only be a registry host that is
+not configured. (With another default, whose names may have dots, it goes there.)
 """
 
 from __future__ import annotations
@@ -105,8 +108,19 @@ class Router:
             upstream = self.upstream_for_prefix(prefix)
         elif rest and first in self.by_prefix:
             upstream, name = self.by_prefix[first], rest
+        elif rest and "." in first and self.default is not None and self.default.adds_library:
+            # A registry host that is not configured (podman's `location = "m/example.com"`),
+            # not a Docker Hub name: Hub namespaces have no dots. Asking Docker Hub would only
+            # get its 401 for a missing repository, after a token round trip.
+            raise NameUnknown(
+                f"no upstream is configured for {first[:100]!r}, and {name[:200]} is no Docker "
+                f"Hub name (its namespaces have no dots); configured: "
+                f"{', '.join(sorted(self.by_prefix))}")
         elif self.default is not None:
             upstream = self.default
+        elif not self.by_prefix:  # upstreams = []: a plain private registry
+            raise NameUnknown(f"repository {name} is not known to this registry (it has no "
+                              "upstreams: hosted repositories only)")
         else:
             raise NameUnknown(f"{name} names no configured upstream and there is no default")
         if upstream.adds_library and "/" not in name:

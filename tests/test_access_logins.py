@@ -18,9 +18,10 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from mirror import config as cfg
-from mirror.api import access as access_module
-from mirror.api.access import FAILURE_ADDRESSES, Access, Failures
+from mirror.api import logins as access_module
+from mirror.api.access import Access
 from mirror.api.htpasswd import HtpasswdError, md5_crypt, read_htpasswd
+from mirror.api.logins import FAILURE_ADDRESSES, Failures
 from mirror.app import make_app
 from mirror.errors import TooManyRequests, Unauthorized
 from tests.conftest import mirror_config
@@ -106,7 +107,9 @@ async def test_every_format_the_htpasswd_tool_writes_logs_in(start_mirror, http,
         assert (status, body) == (200, upstream.images["team/app"].manifest), user
         status, headers, body = await request(http, "GET", url, basic(user, password + "!"))
         assert status == 401 and code(body) == "UNAUTHORIZED", user
-        assert headers["WWW-Authenticate"] == 'Basic realm="mirror"'
+        assert headers["WWW-Authenticate"] == (
+            f'Bearer realm="{mirror.url}/auth/token",service="mirror",'
+            'scope="repository:team/app:pull"')
 
 
 @pytest.mark.parametrize("entry, reason", [

@@ -15,6 +15,7 @@ import hashlib
 import http.client
 import json
 import re
+from datetime import datetime, timezone
 from itertools import pairwise
 from types import SimpleNamespace
 
@@ -38,7 +39,7 @@ from mirror.reference import (
     parse_tag,
 )
 from mirror.upstream.auth import parse_challenges
-from mirror.upstream.client import _content_range
+from mirror.upstream.client import _content_range, retry_delay
 from tests.conftest import mirror_config
 from tests.support.serverthread import ServerThread
 
@@ -420,3 +421,30 @@ def stored_references(body: bytes, media_type: str) -> list[str]:
             else [document.get("config")] + list(document.get("layers") or []))
     return [d["digest"] for d in used or [] if isinstance(d, dict) and "digest" in d] \
         + references(body)
+
+
+@pytest.mark.parametrize("link, target", [
+    # Distribution's and Harbor's middle pages: the previous page first, then the next.
+    (f'<{EXPECTED}?n=2>; rel="prev", <{EXPECTED}?n=2&last=d>; rel="next"',
+     f"{EXPECTED}?n=2&last=d"),
+    (f"<{EXPECTED}?last=b>; rel=next", f"{EXPECTED}?last=b"),  # RFC 8288 allows it unquoted
+    (f'<https://r.example{EXPECTED}?last=b>; title="x"; REL="last next"',
+     f"{EXPECTED}?last=b"),
+    (f'<{EXPECTED}?n=2>; rel="prev"', None),  # the last page: no next
+    ('</v2/other/tags/list?last=b>; rel="next"', None),  # another list is never followed
+])
+def test_tag_list_next_link_is_found_among_several_links(link, target):
+    assert _next_link(SimpleNamespace(headers={"Link": link}), EXPECTED) == target
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("120", 120.0),
+    (" 7 ", 7.0),
+    # RFC 9110's other form, an HTTP-date: 90 s after the clock below.
+    ("Wed, 02 Dec 2026 05:01:30 GMT", 90.0),
+    ("Wed, 02 Dec 2026 04:00:00 GMT", 0.0),  # already past
+    ("", 1.0), ("soon", 1.0), ("-5", 1.0),
+])
+def test_retry_after_is_read_in_both_of_its_forms(value, seconds):
+    now = datetime(2026, 12, 2, 5, 0, 0, tzinfo=timezone.utc).timestamp()
+    assert retry_delay(value, now=lambda: now) == seconds

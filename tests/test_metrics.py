@@ -1,37 +1,48 @@
-"""Metrics move with traffic; /healthz and /readyz; request ids and JSON log lines."""
+"""Metrics move with traffic, per application; /healthz and /readyz; request ids and JSON
+log lines.
+
+Each application counts in a registry of its own, so these tests read exact values from a
+fresh mirror rather than deltas of process-wide counters.
+"""
 
 import asyncio
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
+import prometheus_client
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mirror import metrics
+from mirror.metrics import METRICS
 from tests.conftest import fetched
 from tests.test_serve import free_port, wait_for
 
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
+DOCS = Path(__file__).parent.parent / "docs" / "metrics.md"
+
+
+def samples_of(text: str) -> dict[str, float]:
+    """An exposition, parsed by prometheus_client: {'name{label="v",...}': value}."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples
 
 
 async def scrape(http, mirror) -> dict[str, float]:
-    """GET /metrics, parsed: {'name{label="v",...}': value}."""
+    """GET /metrics, parsed."""
     async with http.get(f"{mirror.url}/metrics") as resp:
         assert resp.status == 200
-        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-        text = await resp.text()
-    samples = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert re.match(r"^# (HELP|TYPE) \w+ ", line), line
-            continue
-        m = SAMPLE.match(line)
-        assert m, f"not a sample line: {line!r}"
-        samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-    return samples
+        assert resp.headers["Content-Type"] == prometheus_client.CONTENT_TYPE_LATEST
+        return samples_of(await resp.text())
 
 
 def delta(before: dict, after: dict, key: str) -> float:
@@ -60,27 +71,78 @@ async def test_cold_blob_counts_a_miss_and_its_size_fetched_warm_counts_a_hit(
         mirror, http, layer):
     name, digest, data = layer
     url = f"{mirror.url}/v2/{name}/blobs/{digest}"
-    before = await scrape(http, mirror)
     status, _, body = await read(http, url)
     assert (status, body) == (200, data)
     await committed(mirror, digest)
     cold = await scrape(http, mirror)
-    assert delta(before, cold, 'mirror_cache_misses_total{kind="blob"}') == 1
-    assert delta(before, cold, 'mirror_cache_hits_total{kind="blob"}') == 0
-    assert delta(before, cold, 'mirror_upstream_bytes_total{upstream="docker.io"}') == len(data)
-    assert delta(before, cold, 'mirror_upstream_requests_total{upstream="docker.io"}') == 1
-    assert delta(before, cold, 'mirror_fill_duration_seconds_count') == 1
-    assert delta(before, cold, 'mirror_http_requests_total{route="blob",status="200"}') == 1
+    assert cold['mirror_cache_misses_total{kind="blob"}'] == 1
+    assert cold['mirror_cache_hits_total{kind="blob"}'] == 0
+    assert cold['mirror_upstream_bytes_total{upstream="docker.io"}'] == len(data)
+    assert cold['mirror_upstream_requests_total{upstream="docker.io"}'] == 1
+    assert cold['mirror_upstream_bytes_total{upstream="quay.io"}'] == 0
+    assert cold["mirror_fill_duration_seconds_count"] == 1
+    assert cold['mirror_http_requests_total{route="blob",status="200"}'] == 1
+    assert cold["mirror_fills_in_progress"] == 0
 
     assert (await read(http, url))[2] == data
     status, _, part = await read(http, url, Range="bytes=100-1099")
     assert (status, part) == (206, data[100:1100])
     warm = await scrape(http, mirror)
-    assert delta(cold, warm, 'mirror_cache_hits_total{kind="blob"}') == 2
-    assert delta(cold, warm, 'mirror_cache_misses_total{kind="blob"}') == 0
-    assert delta(cold, warm, 'mirror_cache_bytes_total{kind="blob"}') == len(data) + 1000
-    assert delta(cold, warm, 'mirror_upstream_bytes_total{upstream="docker.io"}') == 0
-    assert delta(cold, warm, 'mirror_http_requests_total{route="blob",status="206"}') == 1
+    assert warm['mirror_cache_hits_total{kind="blob"}'] == 2
+    assert warm['mirror_cache_misses_total{kind="blob"}'] == 1
+    assert warm['mirror_cache_bytes_total{kind="blob"}'] == len(data) + 1000
+    assert warm['mirror_upstream_bytes_total{upstream="docker.io"}'] == len(data)
+    assert warm['mirror_http_requests_total{route="blob",status="206"}'] == 1
+    assert warm['mirror_http_requests_total{route="metrics",status="200"}'] == 1
+
+
+async def test_a_pull_fetches_the_manifest_and_blob_sizes_once_and_serves_them_again(
+        mirror, http, upstream):
+    image = upstream.images["library/ociimage"]
+    accept = {"Accept": image.media_type}
+    sizes = sum(len(data) for data in image.blobs.values())
+
+    async def pull():
+        status, _, manifest = await read(http, f"{mirror.url}/v2/{image.name}/manifests/1.0",
+                                         **accept)
+        assert (status, manifest) == (200, image.manifest)
+        for digest, data in image.blobs.items():
+            assert (await read(http, f"{mirror.url}/v2/{image.name}/blobs/{digest}"))[2] == data
+            await committed(mirror, digest)
+
+    await pull()
+    cold = await scrape(http, mirror)
+    assert cold['mirror_upstream_bytes_total{upstream="docker.io"}'] == \
+        len(image.manifest) + sizes
+    assert cold['mirror_cache_misses_total{kind="manifest"}'] == 1
+    assert cold['mirror_cache_misses_total{kind="blob"}'] == len(image.blobs)
+    assert cold['mirror_cache_bytes_total{kind="blob"}'] == 0
+    await pull()
+    warm = await scrape(http, mirror)
+    assert warm['mirror_upstream_bytes_total{upstream="docker.io"}'] == \
+        len(image.manifest) + sizes
+    assert warm['mirror_upstream_requests_total{upstream="docker.io"}'] == \
+        cold['mirror_upstream_requests_total{upstream="docker.io"}']
+    assert warm['mirror_cache_hits_total{kind="manifest"}'] == 1
+    assert warm['mirror_cache_hits_total{kind="blob"}'] == len(image.blobs)
+    assert warm['mirror_cache_bytes_total{kind="manifest"}'] == len(image.manifest)
+    assert warm['mirror_cache_bytes_total{kind="blob"}'] == sizes
+
+
+async def test_two_apps_in_one_process_count_apart(start_mirror, http, layer, tmp_path):
+    one = await start_mirror(root=tmp_path / "one")
+    other = await start_mirror(root=tmp_path / "other")
+    name, digest, data = layer
+    assert (await read(http, f"{one.url}/v2/{name}/blobs/{digest}"))[2] == data
+    await committed(one, digest)
+    counted, untouched = await scrape(http, one), await scrape(http, other)
+    assert counted['mirror_cache_misses_total{kind="blob"}'] == 1
+    assert counted['mirror_upstream_bytes_total{upstream="docker.io"}'] == len(data)
+    assert untouched['mirror_cache_misses_total{kind="blob"}'] == 0
+    assert untouched['mirror_upstream_bytes_total{upstream="docker.io"}'] == 0
+    assert untouched["mirror_fill_duration_seconds_count"] == 0
+    assert 'mirror_http_requests_total{route="blob",status="200"}' not in untouched
+    assert one.server.app[METRICS] is not other.server.app[METRICS]
 
 
 async def test_clients_joining_a_running_fill_count_as_coalesced(mirror, http, upstream, layer):
@@ -100,6 +162,7 @@ async def test_clients_joining_a_running_fill_count_as_coalesced(mirror, http, u
     others = [asyncio.ensure_future(read(http, url)) for _ in range(3)]
     while mirror.proxy.fills.active[digest].readers < 4:
         await asyncio.sleep(0.01)
+    assert (await scrape(http, mirror))["mirror_fills_in_progress"] == 1
     upstream.proxy.release()
     for result in await asyncio.gather(first, *others):
         assert result[2] == data
@@ -114,24 +177,22 @@ async def test_manifest_miss_hit_and_coalesced(mirror, http, upstream):
     app = upstream.images["team/app"]
     url = f"{mirror.url}/v2/quay.io/team/app/manifests/2.0"
     accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+    counted = mirror.server.app[METRICS]
     upstream.proxy.delay(0.3, match="/manifests/2.0", method="GET")
-    before = metrics.CACHE_MISSES.value("manifest"), metrics.COALESCED.value("manifest"), \
-        metrics.CACHE_HITS.value("manifest"), metrics.CACHE_BYTES.value("manifest")
     results = await asyncio.gather(*(read(http, url, **accept) for _ in range(3)))
     assert all(body == app.manifest for _, _, body in results)
     assert fetched(upstream, "GET", "/manifests/2.0") == 1
-    assert metrics.CACHE_MISSES.value("manifest") - before[0] == 3
-    assert metrics.COALESCED.value("manifest") - before[1] == 2
-    assert metrics.CACHE_HITS.value("manifest") - before[2] == 0
+    assert metrics.value(counted.cache_misses, kind="manifest") == 3
+    assert metrics.value(counted.coalesced, kind="manifest") == 2
+    assert metrics.value(counted.cache_hits, kind="manifest") == 0
 
     assert (await read(http, url, **accept))[2] == app.manifest
-    assert metrics.CACHE_HITS.value("manifest") - before[2] == 1
-    assert metrics.CACHE_BYTES.value("manifest") - before[3] == len(app.manifest)
-    assert metrics.REPOSITORIES.counts["quay.io/team/app"] >= 4
+    assert metrics.value(counted.cache_hits, kind="manifest") == 1
+    assert metrics.value(counted.cache_bytes, kind="manifest") == len(app.manifest)
+    assert counted.repositories.counts == {"quay.io/team/app": 4}
 
 
 async def test_upstream_429_and_503_are_counted_for_that_upstream(mirror, http, upstream):
-    before = await scrape(http, mirror)
     upstream.proxy.status(429, {"Retry-After": "1"}, match="/manifests/", times=1)
     status, _, _ = await read(http, f"{mirror.url}/v2/quay.io/team/app/manifests/2.0")
     assert status == 429
@@ -139,12 +200,12 @@ async def test_upstream_429_and_503_are_counted_for_that_upstream(mirror, http, 
     status, _, _ = await read(http, f"{mirror.url}/v2/library/alpine/manifests/3.19")
     assert status == 503
     after = await scrape(http, mirror)
-    assert delta(before, after, 'mirror_upstream_rate_limited_total{upstream="quay.io"}') == 1
-    assert delta(before, after, 'mirror_upstream_errors_total{upstream="quay.io"}') == 1
-    assert delta(before, after, 'mirror_upstream_rate_limited_total{upstream="docker.io"}') == 0
-    assert delta(before, after, 'mirror_upstream_errors_total{upstream="docker.io"}') == 1
-    assert delta(before, after, 'mirror_http_requests_total{route="manifest",status="429"}') == 1
-    assert delta(before, after, 'mirror_http_requests_total{route="manifest",status="503"}') == 1
+    assert after['mirror_upstream_rate_limited_total{upstream="quay.io"}'] == 1
+    assert after['mirror_upstream_errors_total{upstream="quay.io"}'] == 1
+    assert after['mirror_upstream_rate_limited_total{upstream="docker.io"}'] == 0
+    assert after['mirror_upstream_errors_total{upstream="docker.io"}'] == 1
+    assert after['mirror_http_requests_total{route="manifest",status="429"}'] == 1
+    assert after['mirror_http_requests_total{route="manifest",status="503"}'] == 1
     assert mirror.proxy.upstreams["quay.io"].last_error == "429 Too Many Requests"
 
 
@@ -154,48 +215,95 @@ async def test_requests_are_counted_by_route_and_status(mirror, http):
         async with http.get(mirror.url + path) as resp:
             await resp.read()
     after = await scrape(http, mirror)
+    assert not any(key.startswith("mirror_http_requests_total") for key in before)
     for route, status in (("ping", 200), ("catalog", 200), ("healthz", 200), ("other", 404),
                           ("metrics", 200)):
-        assert delta(before, after,
-                     f'mirror_http_requests_total{{route="{route}",status="{status}"}}') == 1
+        assert after[f'mirror_http_requests_total{{route="{route}",status="{status}"}}'] == 1
 
 
-async def test_disk_gauges_read_registered_callbacks_else_budget_zero(mirror, http):
-    saved = metrics.DISK_USED.function, metrics.DISK_BUDGET.function
-    try:
-        metrics.DISK_USED.function = None
-        metrics.DISK_BUDGET.function = lambda: 0
-        samples = await scrape(http, mirror)
-        assert samples["mirror_disk_budget_bytes"] == 0
-        assert "mirror_disk_used_bytes" not in samples
-        metrics.set_disk(lambda: 12345, lambda: 10 << 30)
-        samples = await scrape(http, mirror)
-        assert samples["mirror_disk_used_bytes"] == 12345
-        assert samples["mirror_disk_budget_bytes"] == 10 << 30
-    finally:
-        metrics.DISK_USED.function, metrics.DISK_BUDGET.function = saved
-    metrics.EVICTIONS.inc(3)
-    metrics.EVICTED_BYTES.inc(3 << 20)
+def test_disk_gauges_read_registered_callbacks_else_budget_zero(caplog):
+    counted = metrics.Metrics()
+    samples = samples_of(counted.exposition().decode())
+    assert samples["mirror_disk_budget_bytes"] == 0
+    assert "mirror_disk_used_bytes" not in samples
+    counted.set_disk(lambda: 12345, lambda: 10 << 30)
+    samples = samples_of(counted.exposition().decode())
+    assert samples["mirror_disk_used_bytes"] == 12345
+    assert samples["mirror_disk_budget_bytes"] == 10 << 30
+    assert counted.disk.read() == (12345, 10 << 30)
+
+    def broken():
+        raise OSError("the ledger is gone")
+    counted.set_disk(broken, lambda: 10 << 30)
+    with caplog.at_level(logging.ERROR, logger="mirror"):
+        samples = samples_of(counted.exposition().decode())  # the scrape still answers
+    assert "mirror_disk_used_bytes" not in samples and samples["mirror_disk_budget_bytes"] == 0
+    assert samples['mirror_cache_hits_total{kind="blob"}'] == 0
+    assert ["the disk metrics' callback failed"] == [r.getMessage() for r in caplog.records]
+
+
+def test_histogram_buckets_are_cumulative_and_label_values_escaped():
+    counted = metrics.Metrics()
+    for seconds in (0.1, 0.5, 0.7, 3):
+        counted.fill_seconds.observe(seconds)
+    counted.requests.labels('a"b\\c\nd', 200).inc(2)
+    text = counted.exposition().decode()
+    samples = samples_of(text)
+    buckets = {le: samples[f'mirror_fill_duration_seconds_bucket{{le="{le}"}}']
+               for le in ("0.25", "0.5", "1.0", "2.5", "5.0", "+Inf")}
+    assert buckets == {"0.25": 1, "0.5": 2, "1.0": 3, "2.5": 3, "5.0": 4, "+Inf": 4}
+    assert samples["mirror_fill_duration_seconds_sum"] == pytest.approx(4.3)
+    assert samples["mirror_fill_duration_seconds_count"] == 4
+    assert samples['mirror_http_requests_total{route="a"b\\c\nd",status="200"}'] == 2
+    assert "_created" not in text  # turned off: they would double the output
+
+
+def documented() -> dict[str, tuple[str, frozenset[str]]]:
+    """docs/metrics.md's tables: {metric: (type, labels)}."""
+    rows = {}
+    for line in DOCS.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            labels = frozenset(re.findall(r"`(\w+)`", cells[2]))
+            rows[cells[0].strip("`")] = (cells[1], labels)
+    return rows
+
+
+def test_every_metric_is_documented_with_its_type_and_labels():
+    docs = documented()
+    counted = metrics.Metrics()
+    counted.set_disk(lambda: 1, lambda: 2)
+    families = {family.name: family for family in counted.registry.collect()}
+    # Give each labelled metric one series, by the labels the docs name: prometheus_client
+    # refuses label names the metric was not made with.
+    for metric in vars(counted).values():
+        if isinstance(metric, (prometheus_client.Counter, prometheus_client.Gauge)):
+            name = metric.describe()[0].name
+            full = f"{name}_total" if metric.describe()[0].type == "counter" else name
+            labels = docs[full][1]
+            if labels:
+                metric.labels(**{label: "x" for label in labels}).inc()
+    seen = {}
+    for family in text_string_to_metric_families(counted.exposition().decode()):
+        name = f"{family.name}_total" if family.type == "counter" else family.name
+        labels = frozenset(k for s in family.samples for k in s.labels) - {"le"}
+        assert family.samples, f"{name} has no sample"
+        seen[name] = (family.type, labels)
+    assert seen == docs
+    assert len(families) == len(docs)
+
+
+async def test_status_page_and_metrics_read_the_same_counts(mirror, http, layer):
+    name, digest, data = layer
+    assert (await read(http, f"{mirror.url}/v2/{name}/blobs/{digest}"))[2] == data
+    await committed(mirror, digest)
+    assert (await read(http, f"{mirror.url}/v2/{name}/blobs/{digest}"))[2] == data
+    async with http.get(f"{mirror.url}/") as resp:
+        html = await resp.text()
     samples = await scrape(http, mirror)
-    assert samples["mirror_evictions_total"] >= 3
-    assert samples["mirror_evicted_bytes_total"] >= 3 << 20
-
-
-def test_exposition_format_of_a_histogram_and_escaped_labels():
-    histogram = metrics.Histogram("t_seconds", "A test.", (0.5, 1))
-    counter = metrics.Counter("t_total", "Line\nbreak.", ("name",))
-    try:
-        for value in (0.1, 0.5, 0.7, 3):
-            histogram.observe(value)
-        counter.inc(2, 'a"b\\c')
-        text = metrics.render()
-    finally:
-        metrics.REGISTRY.remove(histogram)
-        metrics.REGISTRY.remove(counter)
-    assert 't_seconds_bucket{le="0.5"} 2\nt_seconds_bucket{le="1"} 3\n' \
-           't_seconds_bucket{le="+Inf"} 4\nt_seconds_sum 4.3\nt_seconds_count 4\n' in text
-    assert "# HELP t_total Line\\nbreak.\n# TYPE t_total counter\n" in text
-    assert 't_total{name="a\\"b\\\\c"} 2\n' in text
+    assert samples['mirror_cache_hits_total{kind="blob"}'] == 1
+    assert "<dt>hit ratio</dt><dd>50.0%</dd>" in html
+    assert "<dt>hits / misses</dt><dd>1 / 1</dd>" in html
 
 
 # Health.
@@ -279,7 +387,7 @@ def test_json_log_lines_carry_the_request_id(tmp_path):
     assert any(line["level"] == "warning" and line.get("request_id") == "trace-42"
                and line["logger"] != "aiohttp.access" for line in lines), out
     assert any(a["request_id"] == generated and a["path"] == "/v2/" for a in access)
-    assert any("serving 127.0.0.1" in line["message"] for line in lines)
+    assert any(f"serving http://127.0.0.1:{port} " in line["message"] for line in lines)
 
 
 def test_text_logs_stay_text(tmp_path):

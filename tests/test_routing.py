@@ -191,3 +191,79 @@ async def test_plain_http_port_survives_a_tls_client_hello(mirror, http):
         writer.close()
     status, _, body = await get(http, f"{mirror.url}/v2/")
     assert (status, body) == (200, b"{}")
+
+
+@pytest.mark.parametrize("path", [
+    "/v2/example.com/foo/manifests/1.0",
+    "/v2/example.com/foo/blobs/sha256:" + "b" * 64,
+    "/v2/example.com/foo/tags/list",
+    "/v2/registry.example.org/team/app/manifests/latest",
+])
+async def test_unconfigured_registry_host_in_the_name_is_a_quick_404_not_docker_hub(
+        mirror, http, upstream, path):
+    # podman `location = "m/example.com"` for a registry the mirror has no upstream for:
+    # no Docker Hub namespace has a dot, so the default upstream is not asked (it would
+    # only answer its 401 for a missing repository, after a token round trip).
+    status, _, body = await get(http, mirror.url + path)
+    [error] = json.loads(body)["errors"]
+    assert (status, error["code"]) == (404, "NAME_UNKNOWN")
+    host = path.split("/")[2]
+    assert error["message"].startswith(f"no upstream is configured for '{host}', and ")
+    assert "configured: docker.io, hub, quay, quay.io" in error["message"]
+    assert upstream.proxy.requests == [] and upstream.tokens.requests == []
+
+
+async def test_a_first_component_without_a_dot_still_goes_to_the_default_upstream(
+        mirror, http, upstream):
+    status, _, body = await get(http, f"{mirror.url}/v2/team/app/manifests/2.0")
+    assert (status, body) == (200, upstream.images["team/app"].manifest)
+    assert fetched(upstream, "GET", "/v2/team/app/manifests/2.0") == 1
+
+
+async def test_a_dotted_name_can_still_be_pushed_and_pulled_back(mirror, http, upstream):
+    from tests.test_push import push_image
+
+    digest, manifest = await push_image(http, mirror, "example.com/foo", "1.0", b"dotted")
+    status, headers, body = await get(http, f"{mirror.url}/v2/example.com/foo/manifests/1.0")
+    assert (status, body, headers["Docker-Content-Digest"]) == (200, manifest, digest)
+    assert upstream.proxy.requests == []
+
+
+async def test_a_dotted_name_goes_to_a_default_upstream_that_is_not_docker_hub(
+        start_mirror, http, upstream):
+    from mirror import config as cfg
+
+    mirror = await start_mirror(upstreams=(
+        cfg.Upstream("registry.corp", upstream.url, default=True, library=False),))
+    status, _, body = await get(http, f"{mirror.url}/v2/example.com/foo/manifests/1.0")
+    # Distribution allows dots anywhere: the name was asked for there (its token server,
+    # like Docker Hub's, grants nothing on a repository that does not exist).
+    assert status == 403 and json.loads(body)["errors"][0]["code"] == "DENIED"
+    assert upstream.proxy.count(contains="/v2/example.com/foo/manifests/1.0") >= 1
+
+
+async def test_a_registry_without_upstreams_hosts_pushes_and_answers_other_names_at_once(
+        start_mirror, http, upstream):
+    from tests.test_push import push_image
+
+    mirror = await start_mirror(upstreams=())  # upstreams = [] in the config file
+    for path, message in [
+        ("/v2/alpine/manifests/3.19", "repository alpine is not known to this registry (it "
+                                      "has no upstreams: hosted repositories only)"),
+        ("/v2/team/app/blobs/sha256:" + "c" * 64, "repository team/app is not known to this "
+                                                  "registry (it has no upstreams: hosted "
+                                                  "repositories only)"),
+        ("/v2/alpine/manifests/3.19?ns=docker.io", "no upstream is configured for "
+                                                   "ns='docker.io'"),
+        ("/hub/v2/alpine/manifests/3.19", "no upstream is configured for prefix 'hub'"),
+    ]:
+        status, _, body = await get(http, mirror.url + path)
+        [error] = json.loads(body)["errors"]
+        assert (status, error["code"], error["message"]) == (404, "NAME_UNKNOWN", message), path
+    # With no upstream to shadow, library/ is free to push to; it is then served from here.
+    digest, manifest = await push_image(http, mirror, "library/hello", "1", b"no upstreams")
+    status, headers, body = await get(http, f"{mirror.url}/v2/library/hello/manifests/1")
+    assert (status, body) == (200, manifest)
+    status, _, body = await get(http, f"{mirror.url}/v2/_catalog")
+    assert json.loads(body) == {"repositories": ["library/hello"]}
+    assert upstream.proxy.requests == [] and upstream.tokens.requests == []

@@ -4,13 +4,16 @@ Without `access.htpasswd` anyone may pull; pushes and deletes are taken only fro
 clients (127.0.0.0/8, ::1), so a mirror listening on 0.0.0.0 cannot be written to from the
 network until logins are set up, or `access.anonymous_push = true` says it may (a warning
 at start). With an htpasswd file:
-- `GET /v2/` asks for a login (401 with `WWW-Authenticate: Basic`) until one is given:
+- `GET /v2/` answers 401 with a Bearer challenge until a token or a login is given:
   Docker sends credentials only after its ping was challenged, and never retries a 401
-  that a ping answered with 200 did not announce;
+  that a ping answered with 200 did not announce. The realm is this mirror's own token
+  service (tokens.py), which gives anonymous clients a token when `anonymous_pull` allows
+  it — a Basic challenge would send Docker's `registry-mirrors` pulls to Docker Hub;
 - pulls need a login unless `anonymous_pull`; pushes and deletes always do, by a user in
   `push_users` (or any user when that list is empty);
 - empty credentials (`Basic Og==`, what podman, CRI-O, skopeo and buildah send after a
   Basic challenge when they have none) are anonymous, exactly like no header;
+- Basic credentials are taken on every request too (curl -u, scripts);
 - wrong credentials are a 401 with the challenge, whatever the request; more than
   `login_failures_per_minute` of them from one address get 429 without a password check.
 `read_only` refuses every push and delete. Password checks are slow on purpose (bcrypt,
@@ -23,25 +26,32 @@ htpasswd formats (bcrypt, apr1, SHA1) and the refused ones are in htpasswd.py.
 from __future__ import annotations
 
 import asyncio
-import base64
-import functools
 import hashlib
-import ipaddress
 import logging
-import math
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
 from .. import config as cfg
 from ..cache.flights import Flights
-from ..errors import Denied, TooManyRequests, Unauthorized, Unsupported
+from ..errors import (
+    Denied,
+    NameUnknown,
+    TokenRequestInvalid,
+    TooManyRequests,
+    Unauthorized,
+    Unsupported,
+)
+from . import tokens
 from .htpasswd import dummy_entry, read_htpasswd, verify
+from .logins import Failures, basic_credentials, client_key, is_loopback
+from .tokens import TokenKey, Tokens
 
 log = logging.getLogger("mirror")
 
+# The token service's own challenge: it takes logins as Basic credentials only.
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="mirror"'}
 PULL_METHODS = ("GET", "HEAD")
 # Liveness and readiness probes (Kubernetes) carry no credentials and reveal nothing.
@@ -52,106 +62,13 @@ PUSH_FIX = ("add a login with `mirror user add NAME` and set access.htpasswd, "
 REMEMBER_SECONDS = 300.0
 REMEMBERED = 1024          # successful logins remembered at most
 PENDING_CHECKS = 64        # distinct password checks queued at once; more get 429
-FAILURE_WINDOW = 60.0
-FAILURE_ADDRESSES = 10_000  # client addresses whose failures are tracked at most
-# --- One request's credentials and address ------------------------------------------------
-
-def basic_credentials(header: str | None) -> tuple[str, bytes] | None:
-    """(user, password) from an Authorization header; None when anonymous (no header, or
-    the empty `Basic Og==` of containers/image); Unauthorized when it cannot be read."""
-    if not header:
-        return None
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        raise Unauthorized("only Basic credentials are accepted here", headers=CHALLENGE)
-    try:
-        decoded = base64.b64decode(token.strip(), validate=True)
-    except ValueError:  # binascii.Error, or a non-ASCII character
-        raise Unauthorized("malformed Basic credentials", headers=CHALLENGE) from None
-    name, sep, password = decoded.partition(b":")
-    if not sep:
-        raise Unauthorized("malformed Basic credentials (no colon)", headers=CHALLENGE)
-    if not name and not password:
-        return None
-    try:
-        return name.decode("utf-8"), password
-    except UnicodeDecodeError:
-        raise Unauthorized("the user name is not UTF-8", headers=CHALLENGE) from None
-
-
-@functools.lru_cache(maxsize=4096)  # parsing an address costs more than the rest of a check
-def is_loopback(remote: str | None) -> bool:
-    """127.0.0.0/8, ::1 and ::ffff:127.x are this host; anything else (or no address) is not."""
-    try:
-        address = ipaddress.ip_address(remote or "")
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
-def client_key(remote: str | None) -> str:
-    """Whose failures these are: the IPv4 address, or the IPv6 /64 (one host's share)."""
-    try:
-        address = ipaddress.ip_address(remote or "")
-    except ValueError:
-        return remote or "unknown"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
-    return str(address)
-
-
-class Failures:
-    """Failed logins per client in the last minute, for at most FAILURE_ADDRESSES clients
-    (the least recently failing are forgotten first). Checks in progress count as failures
-    until they succeed, so a burst of concurrent guesses cannot outrun the limit."""
-
-    def __init__(self, limit: int, clock=time.monotonic):
-        self.limit = limit
-        self.clock = clock
-        self._times: OrderedDict[str, deque[float]] = OrderedDict()
-        self._checking: Counter[str] = Counter()
-
-    def __len__(self) -> int:
-        return len(self._times)
-
-    def begin(self, client: str) -> None:
-        """Raise TooManyRequests when `client` has used up its attempts; else count one."""
-        times = self._times.get(client, ())
-        now = self.clock()
-        recent = [t for t in times if now - t < FAILURE_WINDOW]
-        if len(recent) + self._checking[client] >= self.limit:
-            wait = math.ceil(recent[0] + FAILURE_WINDOW - now) if recent else 1
-            raise TooManyRequests(
-                f"too many failed logins from this address; try again in {wait} s",
-                headers={"Retry-After": str(max(wait, 1))})
-        self._checking[client] += 1
-
-    def end(self, client: str, failed: bool) -> None:
-        self._checking[client] -= 1
-        if self._checking[client] <= 0:
-            del self._checking[client]
-        if not failed:
-            return
-        times = self._times.pop(client, None) or deque(maxlen=self.limit)
-        times.append(self.clock())
-        self._times[client] = times
-        if sum(self.clock() - t < FAILURE_WINDOW for t in times) == self.limit:
-            log.warning("%d failed logins from %s within a minute: its logins get 429 for "
-                        "a while", self.limit, client)
-        while len(self._times) > FAILURE_ADDRESSES:
-            self._times.popitem(last=False)
-
-
 # --- The policy ---------------------------------------------------------------------------
 
 class Access:
-    def __init__(self, config: cfg.Access):
+    def __init__(self, config: cfg.Access, key: TokenKey | None = None):
         self.config = config
         self.users = read_htpasswd(config.htpasswd) if config.htpasswd else None
+        self.tokens = Tokens(key or TokenKey())
         self._dummy = dummy_entry(self.users or {})
         self.failures = Failures(config.login_failures_per_minute)
         # Threads start on the first check; two keep a password flood off blob writes.
@@ -160,15 +77,22 @@ class Access:
         # Concurrent requests with the same credentials (a fleet starting) share one check.
         self._checks = Flights()
 
-    async def user(self, request: web.Request) -> str | None:
-        """The logged-in user, None when anonymous; Unauthorized for wrong credentials."""
+    async def user(self, request: web.Request, bearer: bool = True) -> str | None:
+        """The logged-in user, None when anonymous (or an anonymous token); Unauthorized for
+        wrong credentials or a token this mirror did not issue."""
         if self.users is None:
             return None
-        credentials = basic_credentials(request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        scheme, _, token = (header or "").strip().partition(" ")
+        if bearer and scheme.lower() == "bearer":
+            return self.tokens.user(token.strip())
+        credentials = basic_credentials(header)
         if credentials is None:
             return None
-        name, password = credentials
-        client = client_key(request.remote)
+        return await self.login(*credentials, client_key(request.remote))
+
+    async def login(self, name: str, password: bytes, client: str) -> str:
+        """`name` when the password is right; Unauthorized (or 429 past the limit) if not."""
         self.failures.begin(client)
         try:
             ok = await self._check(name, password)
@@ -180,7 +104,7 @@ class Access:
             raise
         self.failures.end(client, failed=not ok)
         if not ok:
-            raise Unauthorized("wrong user name or password", headers=CHALLENGE)
+            raise Unauthorized("wrong user name or password")
         return name
 
     async def _check(self, name: str, password: bytes) -> bool:
@@ -202,15 +126,24 @@ class Access:
                 self._verified.popitem(last=False)
         return ok
 
+    def may_push(self, user: str | None) -> bool:
+        return (user is not None and not self.config.read_only
+                and (not self.config.push_users or user in self.config.push_users))
+
     async def authorize(self, request: web.Request) -> None:
         """Raise unless this request is allowed, by its method and the policy."""
-        if request.path in OPEN_PATHS or request.path.startswith(PEER_PATH):
-            return  # probes; replicas, which sign their requests (api/peers.py)
+        if (request.path in OPEN_PATHS or request.path.startswith(PEER_PATH)
+                or request.path == tokens.PATH):
+            return  # probes; replicas, which sign their requests (api/peers.py); the token
+            # service, which checks its logins itself
         user = await self.user(request)
         if request.method in PULL_METHODS:
-            ping = request.path.endswith("/v2/")
+            # The ping is challenged until the client shows a token (an anonymous one too)
+            # or a login: that is what makes Docker fetch a token at all.
+            ping = request.path.endswith("/v2/") and not request.headers.get(
+                "Authorization", "").lower().startswith("bearer ")
             if self.users is not None and user is None and (ping or not self.config.anonymous_pull):
-                raise Unauthorized("log in to pull from this registry", headers=CHALLENGE)
+                raise Unauthorized("log in to pull from this registry")
             return
         if self.config.read_only:
             raise Unsupported("this registry is read-only (access.read_only = true)")
@@ -219,9 +152,48 @@ class Access:
                 raise Denied(f"pushes and deletes are taken only from this host; {PUSH_FIX}")
             return
         if user is None:
-            raise Unauthorized("log in to push to this registry", headers=CHALLENGE)
-        if self.config.push_users and user not in self.config.push_users:
+            raise Unauthorized("log in to push to this registry")
+        if not self.may_push(user):
             raise Denied(f"user {user} may not push here (access.push_users)")
+
+    def challenge(self, request: web.Request) -> dict[str, str]:
+        """What a 401 asks for: a token from this mirror, for the request's repository."""
+        if request.path == tokens.PATH:
+            return CHALLENGE
+        actions = "pull" if request.method in PULL_METHODS else "pull,push"
+        return tokens.challenge(request.scheme, request.host,
+                                request.match_info.get("name"), actions)
+
+    async def token(self, request: web.Request) -> web.Response:
+        """`GET /auth/token` (Docker's token spec) and the OAuth2 password grant containerd
+        POSTs: a token for the login given (or none), granting what the policy allows."""
+        if self.users is None:
+            raise NameUnknown("this registry has no logins (access.htpasswd), so no tokens")
+        if request.method == "POST":
+            form = await request.post()
+            if form.get("grant_type") != "password":
+                # OAuth2's answer; containerd then asks again with GET and Basic credentials.
+                raise TokenRequestInvalid("only grant_type=password is supported here")
+            user = await self.login(str(form.get("username", "")),
+                                    str(form.get("password", "")).encode(),
+                                    client_key(request.remote))
+            scopes = [str(form.get("scope", ""))]
+        elif request.method == "GET":
+            user = await self.user(request, bearer=False)
+            scopes = request.query.getall("scope", [])
+        else:
+            raise Unsupported(f"{request.method} {tokens.PATH}: use GET or POST")
+        if user is None and not self.config.anonymous_pull:
+            raise Unauthorized("log in to pull from this registry")
+        granted = []
+        for kind, name, actions in tokens.parse_scopes(scopes):
+            allowed = [a for a in actions
+                       if (a == "pull" and (user is not None or self.config.anonymous_pull))
+                       or (a in ("push", "delete", "*") and self.may_push(user))]
+            if allowed:
+                granted.append({"type": kind, "name": name, "actions": allowed})
+        return web.json_response(self.tokens.issue(user, granted),
+                                 headers={"Cache-Control": "no-store"})
 
     def middleware(self):
         """The aiohttp middleware that applies this policy to every request."""
@@ -229,9 +201,13 @@ class Access:
 
         @web.middleware
         async def authorize(request: web.Request, handler):
-            if not (open_pulls and request.method in PULL_METHODS):
-                await self.authorize(request)
-            return await handler(request)
+            try:
+                if not (open_pulls and request.method in PULL_METHODS):
+                    await self.authorize(request)
+                return await handler(request)
+            except Unauthorized as e:  # from the policy or the token service: say what to do
+                e.headers = {**e.headers, **self.challenge(request)}
+                raise
         return authorize
 
     def install(self, app: web.Application) -> None:

@@ -35,6 +35,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..config import Limits
 from ..errors import HeadersTooLarge, RegistryError, RequestInvalid, RequestTimeout
+from .tls_probes import tls_on_plain_port
 
 log = logging.getLogger("mirror")
 
@@ -130,7 +131,9 @@ class Connection(RequestHandler):
             reason = getattr(exc, "message", None) or message or "malformed request"
             error = RequestInvalid(f"the request could not be parsed: {str(reason)[:200]}")
             error.status = status if 400 <= status < 500 else 400
-        if status < 500:
+        # A TLS handshake on this plain port is one warning saying what to do (logs.py), at
+        # most once per client, and no access line.
+        if status < 500 and not tls_on_plain_port(request, exc):
             log.info("refused a request from %s: %s", request.remote, error.message)
         response = error.response()
         response.headers[API_VERSION[0]] = API_VERSION[1]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .. import metrics
 from ..cluster import peers
 from ..errors import BlobUnknown, NameUnknown
 from ..keys import BUDGET, CONFIG, PROXY
+from ..metrics import METRICS
 from ..reference import parse_digest
 from .responses import fill_response, stored_response
 
@@ -31,7 +31,7 @@ async def fill_stream(request: web.Request) -> web.StreamResponse:
     found = proxy.fills.reader(digest)
     if found is not None:
         fill, fd = found
-        metrics.PEER_STREAMS.inc()
+        request.app[METRICS].peer_streams.inc()
         fill.readers += 1
         try:
             return await fill_response(request, fill, fd, headers)

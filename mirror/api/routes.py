@@ -23,11 +23,11 @@ from ..cache.names import reserved
 from ..cache.proxy import Proxy
 from ..cluster import peers
 from ..errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
-from ..keys import BUDGET, HOSTED, PROXY, ROUTER
+from ..keys import ACCESS, BUDGET, HOSTED, PROXY, ROUTER
 from ..media import OCI_INDEX
 from ..reference import TAG, Route, is_digest, parse_digest, parse_name
 from . import peers as api_peers
-from . import push, status
+from . import push, status, tokens
 from .responses import fill_response, stored_response
 
 
@@ -51,12 +51,13 @@ def setup(app: web.Application) -> None:
     r.add_get("/healthz", status.healthz)
     r.add_get("/readyz", status.readyz)
     r.add_get(f"{peers.PATH}{{digest}}", api_peers.fill_stream)  # replicas only (signed)
+    r.add_route("*", tokens.PATH, token)  # Bearer tokens for clients, with logins
     metrics.ROUTE_NAMES.update({
         ping: "ping", catalog: "catalog", tags_list: "tags", manifest: "manifest",
         push.put_manifest: "manifest", push.delete_manifest: "manifest", blob: "blob",
         push.delete_blob: "blob", push.start_upload: "upload", push.upload: "upload",
         referrers: "referrers", status.page: "status", status.metrics_text: "metrics",
-        status.healthz: "healthz", status.readyz: "readyz"})
+        status.healthz: "healthz", status.readyz: "readyz", token: "token"})
 
 
 # yarl resolves dot segments and decodes %2e / %2f before routing, which would turn
@@ -94,6 +95,10 @@ async def hosted(request: web.Request) -> str | None:
     return name
 
 
+async def token(request: web.Request) -> web.Response:
+    return await request.app[ACCESS].token(request)
+
+
 async def ping(request: web.Request) -> web.Response:
     if "prefix" in request.match_info:
         request.app[ROUTER].upstream_for_prefix(request.match_info["prefix"])
@@ -109,21 +114,22 @@ async def manifest(request: web.Request) -> web.Response:
         # needs to be asked.
         raise ManifestUnknown(f"{reference[:200]!r} is not a valid tag, so no manifest has it")
     head = request.method == "HEAD"
+    app_metrics = request.app[metrics.METRICS]
     if name := await hosted(request):
         found = await request.app[HOSTED].manifest(name, reference)
-        metrics.REPOSITORIES.add(name)
+        app_metrics.repositories.add(name)
     else:
         target = route(request)
         key = target.key
-        metrics.REPOSITORIES.add(key)
-        lookup = metrics.start_lookup(key, reference)
+        app_metrics.repositories.add(key)
+        lookup = app_metrics.start_lookup(key, reference)
         try:
             found = await request.app[PROXY].manifest(target, reference,
                                                       request.headers.getall("Accept", []), head)
         finally:
-            hit = metrics.finish_lookup(lookup)
+            hit = app_metrics.finish_lookup(lookup)
         if hit and not head:
-            metrics.CACHE_BYTES.inc(found.size, "manifest")
+            app_metrics.cache_bytes.labels("manifest").inc(found.size)
     # Exact bytes and type: no charset (aiohttp's text= would add one), and Content-Length
     # on HEAD too, or Docker abandons the mirror.
     headers = {"Content-Type": found.media_type, "Docker-Content-Digest": found.digest,
@@ -147,7 +153,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
         if name := await hosted(request):
             size = await request.app[HOSTED].blob_size(name, digest)
         elif (size := await proxy.stored_size(digest)) is not None:
-            metrics.CACHE_HITS.inc(1, "blob")
+            request.app[metrics.METRICS].cache_hits.labels("blob").inc()
             request[metrics.CACHE_HIT] = True  # its bytes are counted when it is prepared
         else:
             hold.release()
@@ -177,9 +183,10 @@ def _route_or_none(request: web.Request) -> Route | None:
 async def _blob_fill(request: web.Request, proxy: Proxy, digest: str,
                      headers: dict[str, str]) -> web.StreamResponse:
     """A miss: join (or start) the one fill of `digest` and stream it as it arrives."""
-    metrics.CACHE_MISSES.inc(1, "blob")
+    app_metrics = request.app[metrics.METRICS]
+    app_metrics.cache_misses.labels("blob").inc()
     if digest in proxy.fills.active:
-        metrics.COALESCED.inc(1, "blob")
+        app_metrics.coalesced.labels("blob").inc()
     fill, fd = await proxy.blob_fill(route(request), digest)
     fill.readers += 1
     try:

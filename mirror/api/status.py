@@ -75,8 +75,7 @@ def _writable(directory: Path) -> None:
 
 
 async def metrics_text(request: web.Request) -> web.Response:
-    metrics.FILLS_IN_PROGRESS.set(len(request.app[PROXY].fills.active))
-    return web.Response(body=metrics.render().encode(),
+    return web.Response(body=request.app[metrics.METRICS].exposition(),
                         headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
@@ -94,9 +93,9 @@ async def page(request: web.Request) -> web.Response:
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
 
 
-def hit_ratio() -> float | None:
+def hit_ratio(app_metrics: metrics.Metrics) -> float | None:
     """Manifest and blob requests answered from the cache, of all of them."""
-    hits, misses = metrics.CACHE_HITS.total(), metrics.CACHE_MISSES.total()
+    hits, misses = metrics.total(app_metrics.cache_hits), metrics.total(app_metrics.cache_misses)
     return hits / (hits + misses) if hits + misses else None
 
 
@@ -107,11 +106,13 @@ def percent(ratio: float | None) -> str:
 def render(app: web.Application, host: str,
            replicas: tuple[str, list[dict]] | None = None) -> str:
     config, proxy = app[CONFIG], app[PROXY]
-    used, budget = metrics.disk()
+    app_metrics = app[metrics.METRICS]
+    used, budget = app_metrics.disk.read()
     budget = budget or config.storage.max_size
-    served, fetched = metrics.CACHE_BYTES.total(), metrics.UPSTREAM_BYTES.total()
-    hits, misses = metrics.CACHE_HITS.total(), metrics.CACHE_MISSES.total()
-    evicted = metrics.EVICTIONS.total(), metrics.EVICTED_BYTES.total()
+    served = metrics.total(app_metrics.cache_bytes)
+    fetched = metrics.total(app_metrics.upstream_bytes)
+    hits, misses = metrics.total(app_metrics.cache_hits), metrics.total(app_metrics.cache_misses)
+    evicted = metrics.total(app_metrics.evictions), metrics.total(app_metrics.evicted_bytes)
     cards = [
         _card("Disk", [
             ("used", "not reported" if used is None else _bytes(used)),
@@ -119,32 +120,30 @@ def render(app: web.Application, host: str,
             ("evicted", f"{_count(evicted[0])} ({_bytes(evicted[1])})"),
         ], bar=used / budget if used is not None and budget else None),
         _card("Cache", [
-            ("hit ratio", percent(hit_ratio())),
+            ("hit ratio", percent(hit_ratio(app_metrics))),
             ("hits / misses", f"{_count(hits)} / {_count(misses)}"),
-            ("joined a running fetch", _count(metrics.COALESCED.total())),
+            ("joined a running fetch", _count(metrics.total(app_metrics.coalesced))),
             ("bytes saved (served from cache)", _bytes(served)),
             ("fetched upstream", _bytes(fetched)),
-        ], bar=hit_ratio()),
-        _card("Requests", [(route, _count(n)) for route, n in _by_route()] or
+        ], bar=hit_ratio(app_metrics)),
+        _card("Requests", [(route, _count(n)) for route, n in _by_route(app_metrics)] or
               [("none yet", "")]),
     ]
     if replicas is not None:
-        cards.append(_cluster(*replicas))
+        cards.append(_cluster(app_metrics, *replicas))
     return PAGE.format(
         title=escape(f"mirror · {host}"),
-        uptime=escape(_duration(time.time() - metrics.STARTED)),
+        uptime=escape(_duration(time.time() - app_metrics.started)),
         cards="\n".join(cards),
-        upstreams=_upstreams(proxy),
+        upstreams=_upstreams(app_metrics, proxy),
         fills=_fills(proxy),
-        repositories=_repositories(),
+        repositories=_repositories(app_metrics),
         generated=escape(time.strftime("%Y-%m-%d %H:%M:%S %Z")),
     )
 
 
-def _by_route() -> list[tuple[str, float]]:
-    totals: dict[str, float] = {}
-    for (route, _status), n in metrics.REQUESTS.values.items():
-        totals[route] = totals.get(route, 0) + n
+def _by_route(app_metrics: metrics.Metrics) -> list[tuple[str, float]]:
+    totals = metrics.by_label(app_metrics.requests, "route")
     return sorted(totals.items(), key=lambda item: -item[1])
 
 
@@ -155,7 +154,7 @@ def _card(title: str, rows: list[tuple[str, str]], bar: float | None = None) -> 
     return f'<section class="card"><h2>{escape(title)}</h2>{meter}<dl>{items}</dl></section>'
 
 
-def _upstreams(proxy) -> str:
+def _upstreams(app_metrics: metrics.Metrics, proxy) -> str:
     now_monotonic, now = time.monotonic(), time.time()
     rows = []
     for upstream in proxy.upstreams.values():
@@ -169,15 +168,18 @@ def _upstreams(proxy) -> str:
         else:
             health, css = "not asked yet", "idle"
         last_ok = "never" if upstream.last_ok is None else _duration(now - upstream.last_ok) + " ago"
+        asked, failed, limited, fetched = (
+            metrics.value(series, upstream=name) for series in (
+                app_metrics.upstream_requests, app_metrics.upstream_errors,
+                app_metrics.upstream_rate_limited, app_metrics.upstream_bytes))
         rows.append(
             f'<tr><td><b>{escape(name)}</b><br><small>{escape(str(upstream.base))}</small></td>'
             f'<td><span class="pill {css}">{escape(health)}</span></td>'
             f"<td>{escape(last_ok)}</td>"
             f"<td>{escape(upstream.last_error or '—')}</td>"
-            f'<td class="n">{_count(metrics.UPSTREAM_REQUESTS.value(name))}</td>'
-            f'<td class="n">{_count(metrics.UPSTREAM_ERRORS.value(name))}</td>'
-            f'<td class="n">{_count(metrics.UPSTREAM_RATE_LIMITED.value(name))}</td>'
-            f'<td class="n">{escape(_bytes(metrics.UPSTREAM_BYTES.value(name)))}</td></tr>')
+            f'<td class="n">{_count(asked)}</td><td class="n">{_count(failed)}</td>'
+            f'<td class="n">{_count(limited)}</td>'
+            f'<td class="n">{escape(_bytes(fetched))}</td></tr>')
     return _table(("upstream", "health", "last success", "last error", "requests", "errors",
                    "429s", "fetched"), rows, "No upstreams are configured.")
 
@@ -205,26 +207,26 @@ def _source(fill) -> str:
     return source.route if source is not None else "—"
 
 
-def _cluster(me: str, replicas: list[dict]) -> str:
+def _cluster(app_metrics: metrics.Metrics, me: str, replicas: list[dict]) -> str:
     """The replicas that beat lately, and this one's part in the cluster's fills."""
     now = time.time()
     rows = [(f"{entry.get('name', '?')}{' (this one)' if entry.get('name') == me else ''}",
              f"seen {_duration(max(now - float(entry.get('seen', now)), 0))} ago, sending "
              f"{len(entry.get('holds', []))} blob(s)") for entry in replicas]
-    fills = metrics.CLUSTER_FILLS
+    fills = metrics.by_label(app_metrics.cluster_fills, "role")
     rows += [
-        ("fills held / followed / alone", f"{_count(fills.value('holder'))} / "
-         f"{_count(fills.value('follower'))} / {_count(fills.value('alone'))}"),
-        ("streamed to other replicas", _count(metrics.PEER_STREAMS.total())),
-        ("taken over", _count(metrics.CLUSTER_TAKEOVERS.total())),
-        ("lease failures (Redis)", _count(metrics.CLUSTER_LEASE_FAILURES.total())),
+        ("fills held / followed / alone", f"{_count(fills.get('holder', 0))} / "
+         f"{_count(fills.get('follower', 0))} / {_count(fills.get('alone', 0))}"),
+        ("streamed to other replicas", _count(metrics.total(app_metrics.peer_streams))),
+        ("taken over", _count(metrics.total(app_metrics.cluster_takeovers))),
+        ("lease failures (Redis)", _count(metrics.total(app_metrics.cluster_lease_failures))),
     ]
     return _card(f"Cluster: {len(replicas)} replica(s)", rows or [("no heartbeat", "")])
 
 
-def _repositories() -> str:
+def _repositories(app_metrics: metrics.Metrics) -> str:
     rows = [f'<tr><td>{escape(name)}</td><td class="n">{_count(n)}</td></tr>'
-            for name, n in metrics.REPOSITORIES.top(10)]
+            for name, n in app_metrics.repositories.top(10)]
     return _table(("repository", "requests"), rows, "No pulls yet.")
 
 

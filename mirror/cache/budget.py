@@ -36,7 +36,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
 from .. import config as cfg
-from .. import metrics
+from ..metrics import Metrics
 from ..storage.blobs import BlobStore
 from ..storage.index import Index
 
@@ -55,7 +55,7 @@ class Budget:
                  extra: Callable[[], int] = lambda: 0,
                  release: Callable[[int], int] = lambda needed: 0,
                  link_grace: float = 86400.0, lease: Lease | None = None,
-                 replicas: Replicas | None = None):
+                 replicas: Replicas | None = None, metrics: Metrics | None = None):
         self.max_size = config.max_size
         self.high = config.high_watermark
         self.low = config.low_watermark
@@ -74,7 +74,9 @@ class Budget:
         self._extra_bytes = 0  # `extra()` as of the last check: it walks the uploads folder
         self.evicted_items = 0
         self.evicted_bytes = 0
-        metrics.set_disk(lambda: self.used, lambda: self.max_size)
+        # Counted where nobody reads when none is given (a budget built alone, in a test).
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.set_disk(lambda: self.used, lambda: self.max_size)
 
     @property
     def used(self) -> int:
@@ -156,8 +158,8 @@ class Budget:
                 items, freed = items + n, freed + size
         self.evicted_items += items
         self.evicted_bytes += freed
-        metrics.EVICTIONS.inc(items)
-        metrics.EVICTED_BYTES.inc(freed)
+        self.metrics.evictions.inc(items)
+        self.metrics.evicted_bytes.inc(freed)
         if items:
             log.info("evicted %d items, %d bytes in %.2fs: %d -> %d bytes (budget %d)", items,
                      freed, time.monotonic() - started, before, self.used, self.max_size or 0)

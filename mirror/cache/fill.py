@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import metrics
 from ..errors import (
     BlobUnknown,
     BodyBroken,
@@ -63,6 +62,7 @@ from ..errors import (
     TooManyRequests,
     Unavailable,
 )
+from ..metrics import Metrics
 from ..storage.blobs import BlobStore, pwrite_all
 
 log = logging.getLogger("mirror")
@@ -131,8 +131,10 @@ class Overflow:
 class Fill:
     def __init__(self, digest: str, store: BlobStore, open_body: Opener,
                  partial: Partial | None = None, route: str = "",
-                 overflow: Overflow | None = None):
+                 overflow: Overflow | None = None, metrics: Metrics | None = None):
         self.digest = digest
+        # Counted where nobody reads when none is given (a fill built alone, in a test).
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self.size: int | None = None
         self.done = False
@@ -309,7 +311,7 @@ class Fill:
             return
         self.committed = True
         seconds = time.monotonic() - self._began
-        metrics.FILL_SECONDS.observe(seconds)
+        self.metrics.fill_seconds.observe(seconds)
         log.info("stored %s: %d bytes in %.2fs (%.0f MiB/s)", self.digest, self.written,
                  seconds, self.written / seconds / (1 << 20) if seconds else 0)
 
@@ -384,7 +386,7 @@ class Fill:
         if isinstance(error, ANSWERS):
             log.debug("fill of %s: %s", self.digest, error.message)
             return
-        metrics.FILLS_FAILED.inc()
+        self.metrics.fills_failed.inc()
         # Before the headers every waiting request gets the error as its response (and the
         # error middleware logs it per request); after them, this is the one line saying
         # why those responses end short.

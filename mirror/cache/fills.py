@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from ..metrics import Metrics
 from ..storage.blobs import BlobStore
 from . import fill as fill_module
 from .fill import Fill, Opener, Overflow, Partial
@@ -25,8 +26,11 @@ MAX_PARTIALS = 32
 class Fills:
     """The fills in flight, one per digest, and the broken-off ones waiting to resume."""
 
-    def __init__(self, store: BlobStore, overflow_limit: int | None = None):
+    def __init__(self, store: BlobStore, overflow_limit: int | None = None,
+                 metrics: Metrics | None = None):
         self.store = store
+        # The application's, handed to each fill; one of its own when built alone (tests).
+        self.metrics = metrics if metrics is not None else Metrics()
         self.active: dict[str, Fill] = {}
         self.partials: dict[str, Partial] = {}  # oldest first
         # Read at construction from fill.py, where the bound is defined (and tests set it).
@@ -45,7 +49,7 @@ class Fills:
         fill = self.active.get(digest)
         if fill is None:
             fill = Fill(digest, self.store, open_body, self.partials.pop(digest, None),
-                        route=route, overflow=self.overflow)
+                        route=route, overflow=self.overflow, metrics=self.metrics)
             self.active[digest] = fill
             task = asyncio.ensure_future(self._run(fill))
             self._tasks.add(task)

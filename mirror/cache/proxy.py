@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Awaitable
@@ -347,15 +348,24 @@ def _media_type(answer: Answer) -> str:
 
 
 def _next_link(answer: Answer, expected_path: str) -> str | None:
-    """The path of an upstream's `Link: <...>; rel="next"`, if it stays on the same list."""
-    link = answer.headers.get("Link", "")
-    if 'rel="next"' not in link or "<" not in link:
-        return None
-    start = link.index("<") + 1
-    end = link.find(">", start)
-    if end < 0:
-        return None  # no closing ">": not a link
-    target = link[start:end]
-    if "://" in target:
-        target = "/" + target.split("://", 1)[1].partition("/")[2]
-    return target if target.split("?")[0] == expected_path else None
+    """The path of an upstream's `Link: <...>; rel="next"`, if it stays on the same list.
+
+    RFC 8288: one header may hold several links (`<..>; rel="prev", <..>; rel="next"`, as
+    Distribution's and Harbor's later pages do), and `rel` may be unquoted or name several
+    relations. Taking the first link whatever its rel went back to the previous page: 1000
+    requests and the last pages' tags lost."""
+    for link in _LINK_SPLIT.split(answer.headers.get("Link", "")):
+        match = _LINK.match(link)
+        rel = _REL.search(match.group(2)) if match else None
+        if rel is None or "next" not in (rel.group(1) or rel.group(2)).lower().split():
+            continue
+        target = match.group(1)
+        if "://" in target:
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        return target if target.split("?")[0] == expected_path else None
+    return None
+
+
+_LINK_SPLIT = re.compile(r",(?=\s*<)")
+_LINK = re.compile(r"\s*<([^>]*)>(.*)", re.DOTALL)
+_REL = re.compile(r';\s*rel\s*=\s*(?:"([^"]*)"|([^\s;,]*))', re.IGNORECASE)

@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .. import metrics
 from ..cluster.fills import LEASE_SECONDS, Alone, FillLeases, Following, Holding
 from ..errors import Unavailable
 from ..reference import Route
@@ -37,7 +36,7 @@ async def shared_fill(leases: FillLeases, fills: Fills, store: BlobStore, route:
             await claim.release()
         return fills.join(digest, from_upstream, route=route.key)
     if isinstance(claim, Following):
-        metrics.CLUSTER_FILLS.inc(1, "follower")
+        leases.metrics.cluster_fills.labels("follower").inc()
         fill, fd = fills.join(digest, lambda start: leases.stream(claim.url, digest, start),
                               route=f"replica {claim.replica}")
         fill.upload = False  # the holder uploads it; one copy into the bucket, not N
@@ -45,7 +44,7 @@ async def shared_fill(leases: FillLeases, fills: Fills, store: BlobStore, route:
                         lambda start: _takeover(leases, store, fill, claim, digest, start,
                                                 from_upstream))
         return fill, fd
-    metrics.CLUSTER_FILLS.inc(1, "holder" if isinstance(claim, Holding) else "alone")
+    leases.metrics.cluster_fills.labels("holder" if isinstance(claim, Holding) else "alone").inc()
     fill, fd = fills.join(digest, from_upstream, route=route.key)
     if isinstance(claim, Holding):
         fill.on_done.append(claim.release)
@@ -66,7 +65,7 @@ async def _takeover(leases: FillLeases, store: BlobStore, fill: Fill, dead: Foll
         if isinstance(claim, (Holding, Alone)):
             if isinstance(claim, Holding):
                 fill.on_done.append(claim.release)
-            metrics.CLUSTER_TAKEOVERS.inc()
+            leases.metrics.cluster_takeovers.inc()
             fill.upload = True  # the holder is gone: this fill is the one that stores it
             log.info("taking over the fill of %s from replica %s at byte %d", digest,
                      dead.replica, start)

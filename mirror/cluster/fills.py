@@ -37,8 +37,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 import aiohttp
 from redis import exceptions as redis_errors
 
-from .. import metrics
 from ..errors import BlobUnknown, BodyBroken, Unavailable
+from ..metrics import Metrics
 from . import peers
 from .lease import Lease
 
@@ -83,8 +83,11 @@ Claim = Holding | Following | Alone
 
 class FillLeases:
     def __init__(self, redis: Any, prefix: str, replica: str, url: str, secret: str,
-                 session: aiohttp.ClientSession, stall_timeout: float = 30.0):
+                 session: aiohttp.ClientSession, stall_timeout: float = 30.0,
+                 metrics: Metrics | None = None):
         self.redis = redis
+        # The application's; shared_fill counts the cluster's fills in it too.
+        self.metrics = metrics if metrics is not None else Metrics()
         self.prefix = prefix
         self.replica = replica
         self.url = url.rstrip("/")
@@ -152,7 +155,7 @@ class FillLeases:
         return found if found is not None else await run()
 
     def _alone(self) -> Alone:
-        metrics.CLUSTER_LEASE_FAILURES.inc()
+        self.metrics.cluster_lease_failures.inc()
         return Alone()
 
     def _failed(self, error: Exception) -> Alone:

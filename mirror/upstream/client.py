@@ -11,14 +11,16 @@ Every request to an upstream goes through `Upstream.open`, which
   blob body holds a body permit instead, so manifests never queue behind layers; waiting
   for either has a deadline (503 with Retry-After), and a 429's Retry-After is sat out
   before anything is taken (or answered at once with 429, when it is too long to wait);
-- turns every failure into a RegistryError: 404 → the caller's *_UNKNOWN, 401/403 → DENIED,
-  429 → TOOMANYREQUESTS with Retry-After, 5xx / connection errors / timeouts → UNAVAILABLE.
+- turns every failure into a RegistryError: 404 → the caller's *_UNKNOWN (worded from what
+  the upstream said: missing.py), 401/403 → DENIED, 429 → TOOMANYREQUESTS with Retry-After,
+  5xx / connection errors / timeouts → UNAVAILABLE.
 No aiohttp exception escapes this module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -30,11 +32,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .. import config as cfg
-from .. import metrics
 from ..errors import BlobUnknown, BodyBroken, Denied, RegistryError, TooManyRequests, Unavailable
+from ..metrics import Metrics, UpstreamCounts
 from ..storage.memory import Memory
 from .auth import Authenticator, parse_challenges
 from .destinations import Destinations, same_origin
+from .missing import error_code, refused, unknown
 from .slots import Held, Shared, retry_after, take
 
 log = logging.getLogger("mirror")
@@ -52,15 +55,15 @@ class Body:
     start: int
     size: int | None
     response: aiohttp.ClientResponse
-    upstream: str = ""  # its name, for the metrics
+    counts: UpstreamCounts  # its upstream's series
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self.response.content.iter_chunked(BODY_CHUNK):
-                metrics.UPSTREAM_BYTES.inc(len(chunk), self.upstream)
+                self.counts.bytes.inc(len(chunk))
                 yield chunk
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            metrics.UPSTREAM_ERRORS.inc(1, self.upstream)
+            self.counts.errors.inc()
             raise BodyBroken(f"upstream body broke off: {e.__class__.__name__} {e}") from e
 
 
@@ -75,9 +78,12 @@ class Answer:
 
 class Upstream:
     def __init__(self, config: cfg.Upstream, limits: cfg.Limits, session: aiohttp.ClientSession,
-                 memory: Memory, shared: Shared):
+                 memory: Memory, shared: Shared, metrics: Metrics | None = None):
         self.config = config
         self.name = config.name
+        # Counted where nobody reads when none is given (an upstream built alone, in a test).
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.counts = self.metrics.upstream(self.name)
         self.base = URL(config.url.rstrip("/"))
         self.session = session
         self._shared = shared
@@ -112,18 +118,19 @@ class Upstream:
                     held: Held) -> AsyncIterator[aiohttp.ClientResponse]:
         await self._admit(held, deadline)
         try:
-            metrics.upstream_request(self.name, name, path)
+            self.metrics.upstream_request(self.name, name, path)
             try:
                 resp = await self._send(method, path, name, accept, stream, headers)
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                metrics.UPSTREAM_ERRORS.inc(1, self.name)
+                self.counts.errors.inc()
                 self.last_error = f"{e.__class__.__name__} {e}"
                 raise Unavailable(f"upstream {self.name} is unreachable: {self.last_error}") from e
         finally:
             held.release()  # the headers are here (or never will be): the slot is free
         try:
             try:
-                self._check(resp, name, not_found)
+                said = await error_code(resp) if resp.status == 404 else None
+                self._check(resp, name, not_found, path, said)
             except TooManyRequests:
                 # Told to every replica (the memory tier is theirs too), awaited here since
                 # _check is not a coroutine.
@@ -146,9 +153,9 @@ class Upstream:
                         raise Unavailable(
                             f"upstream {self.name} sent more than {limit} bytes for {path}")
             except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                metrics.UPSTREAM_ERRORS.inc(1, self.name)
+                self.counts.errors.inc()
                 raise Unavailable(f"upstream {self.name} broke off: {e}") from e
-            metrics.UPSTREAM_BYTES.inc(len(body), self.name)
+            self.counts.bytes.inc(len(body))
             return Answer(r.status, r.headers, bytes(body))
 
     @asynccontextmanager
@@ -172,9 +179,9 @@ class Upstream:
                                   [], True, headers, deadline, Held()) as resp:
                 if resp.status == 206:
                     first, total = _content_range(resp.headers.get("Content-Range", ""))
-                    yield Body(first, total, resp, self.name)
+                    yield Body(first, total, resp, self.counts)
                 else:
-                    yield Body(0, resp.content_length, resp, self.name)
+                    yield Body(0, resp.content_length, resp, self.counts)
         finally:
             self._shared.bodies.release()
 
@@ -299,30 +306,29 @@ class Upstream:
         raise AssertionError("targets() returns at least one target")
 
     def _check(self, resp: aiohttp.ClientResponse, name: str,
-               not_found: type[RegistryError]) -> None:
+               not_found: type[RegistryError], path: str = "", said: str | None = None) -> None:
         status = resp.status
         if status < 300:
             self.last_error, self.last_ok = None, time.time()
             return
         if status == 404:
-            raise not_found(f"{name} is not known to upstream {self.name}")
+            raise not_found(unknown(self.name, name, path, said))
         if status in (401, 403):
-            raise Denied(f"upstream {self.name} refused access to {name}; if it is private, "
-                         f"set username and password for upstream {self.name}")
+            raise Denied(refused(self.name, name, self.config.username))
         if status == 429:
             value = resp.headers.get("Retry-After", "")
-            delay = float(value) if value.isdigit() else 1.0
+            delay = retry_delay(value)
             self.paused_until = time.monotonic() + min(delay, 300.0)
             self.last_error = "429 Too Many Requests"
-            metrics.UPSTREAM_RATE_LIMITED.inc(1, self.name)
-            metrics.UPSTREAM_ERRORS.inc(1, self.name)
+            self.counts.rate_limited.inc()
+            self.counts.errors.inc()
             raise TooManyRequests(f"upstream {self.name} is rate limiting this mirror",
-                                  headers={"Retry-After": value or "1"})
+                                  headers={"Retry-After": retry_after(max(delay, 1.0))})
         if status in REDIRECTS:
             raise Unavailable(f"upstream {self.name} answered {status} for {name} "
                               "without a Location")
         self.last_error = f"HTTP {status}"
-        metrics.UPSTREAM_ERRORS.inc(1, self.name)
+        self.counts.errors.inc()
         raise Unavailable(f"upstream {self.name} answered {status} for {name}")
 
 
@@ -335,3 +341,15 @@ def _content_range(value: str) -> tuple[int, int | None]:
         return first, (int(total) if total.isdigit() else None)
     except ValueError:
         raise Unavailable(f"upstream sent an unreadable Content-Range: {value[:100]!r}") from None
+
+
+def retry_delay(value: str, now=time.time) -> float:
+    """Seconds a `Retry-After` asks for: delay-seconds or an HTTP-date (RFC 9110 10.2.3);
+    1 s when it is missing or unreadable."""
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return 1.0
+    return max(when.timestamp() - now(), 0.0) if when.tzinfo is not None else 1.0
