@@ -345,3 +345,29 @@ async def test_an_object_evicted_by_another_replica_is_fetched_again_not_a_404(
     upstream.reset()
     assert await get_blob(http, two, image.name, layer) == image.blobs[layer]
     assert fetched(upstream, "GET", layer) == 1
+
+
+async def test_a_lease_has_one_holder_and_a_lapsed_holder_cannot_touch_the_next(
+        redis_url_prefix):
+    """cluster/lease.py on a real Redis: what the eviction pass and every fill rely on."""
+    import redis.asyncio as aioredis
+
+    from mirror.cluster.lease import Lease
+
+    url, prefix = redis_url_prefix
+    client = aioredis.from_url(url)
+    try:
+        key = f"{prefix}lease:test"
+        first, second = (Lease(client, key, holder, ttl=0.3) for holder in ("r1", "r2"))
+        assert await first.acquire() and not await second.acquire()
+        assert await client.get(key) == b"r1"  # a plain GET tells who holds it
+        assert await first.renew()
+        await asyncio.sleep(0.5)  # r1 stops renewing (a replica killed): the lease lapses
+        assert await second.acquire()
+        assert not await first.renew()
+        await first.release()  # must not delete r2's lease
+        assert await client.get(key) == b"r2"
+        await second.release()
+        assert await client.get(key) is None
+    finally:
+        await client.aclose()

@@ -107,7 +107,7 @@ class FillLeases:
             return self._alone()
         lease = self._lease(digest)
         try:
-            if await self.redis.set(lease.key, self._value, nx=True, px=lease.ttl_ms):
+            if await lease.take():
                 self._up()
                 return Holding(lease, asyncio.ensure_future(self._beat(lease)))
             value = await self.redis.get(lease.key)
