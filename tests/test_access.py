@@ -1,8 +1,8 @@
-"""Who may do what: htpasswd logins challenged with Basic, pull and push policy, read-only,
+"""Who may do what: htpasswd logins behind a Bearer challenge, pull and push policy, read-only,
 the empty credentials containers/image sends, and the seed workflow over HTTPS with a CA
 made by `mirror tls init`. More in test_access_logins.py (htpasswd formats, rate limits,
 the password-check threads), test_access_push.py (who may push without logins) and
-test_access_parsers.py (property tests)."""
+test_access_parsers.py (property tests) and test_access_tokens.py (the token service)."""
 
 import asyncio
 import base64
@@ -11,7 +11,6 @@ import json
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from mirror import config as cfg
 from mirror.api.htpasswd import add_user
@@ -44,11 +43,16 @@ def code(body):
     return json.loads(body)["errors"][0]["code"]
 
 
+def challenge(mirror) -> str:
+    """The ping's challenge: a token from the mirror's own token service."""
+    return f'Bearer realm="{mirror.url}/auth/token",service="mirror"'
+
+
 async def test_ping_challenges_until_logged_in_and_wrong_passwords_get_401(start_mirror, http,
                                                                           htpasswd):
     mirror = await start_mirror(access=cfg.Access(htpasswd=htpasswd))
     status, headers, body = await request(http, "GET", f"{mirror.url}/v2/")
-    assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="mirror"'
+    assert status == 401 and headers["WWW-Authenticate"] == challenge(mirror)
     assert code(body) == "UNAUTHORIZED"
     assert (await request(http, "GET", f"{mirror.url}/v2/", BOB))[0] == 200
     for method, path in (("GET", "/v2/"), ("GET", "/v2/alpine/manifests/3.19"),
@@ -61,7 +65,7 @@ async def test_anonymous_pull_on_push_only_for_push_users(start_mirror, http, up
     mirror = await start_mirror(access=cfg.Access(htpasswd=htpasswd, push_users=("alice",)))
     # Docker sends credentials only after its ping was challenged: the ping must still be.
     status, headers, _ = await request(http, "GET", f"{mirror.url}/v2/")
-    assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="mirror"'
+    assert status == 401 and headers["WWW-Authenticate"] == challenge(mirror)
     status, _, _ = await request(http, "GET", f"{mirror.url}/v2/", ALICE)
     assert status == 200
     url = f"{mirror.url}/v2/team/app/manifests/2.0"
@@ -136,7 +140,7 @@ async def test_empty_basic_credentials_are_answered_as_no_header(start_mirror, h
     app = upstream.images["team/app"]
     for auth in (None, EMPTY):
         status, headers, body = await request(http, "GET", f"{mirror.url}/v2/", auth)
-        assert status == 401 and headers["WWW-Authenticate"] == 'Basic realm="mirror"'
+        assert status == 401 and headers["WWW-Authenticate"] == challenge(mirror)
         assert b"log in to pull" in body  # the ping's challenge, not "wrong user name"
         status, _, body = await request(http, "GET", f"{mirror.url}/v2/team/app/manifests/2.0",
                                         auth)
@@ -151,9 +155,8 @@ async def test_empty_basic_credentials_are_answered_as_no_header(start_mirror, h
 
 
 @pytest.fixture
-async def recorded_mirror(tmp_path, upstream):
+async def recorded_mirror(tmp_path, upstream, aiohttp_server):
     """Start a mirror and keep (path, status, Authorization) of every answer it sends."""
-    servers = []
 
     async def start(**overrides):
         app = make_app(mirror_config(tmp_path / "data", upstream.url, **overrides))
@@ -163,20 +166,18 @@ async def recorded_mirror(tmp_path, upstream):
             seen.append((request.path, response.status, request.headers.get("Authorization")))
 
         app.on_response_prepare.append(note)
-        server = TestServer(app, host="127.0.0.1", port=0)
-        await server.start_server()
-        servers.append(server)
+        server = await aiohttp_server(app)
         return f"127.0.0.1:{server.port}", seen
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start
 
 
 async def test_skopeo_pulls_anonymously_from_a_mirror_with_logins(recorded_mirror, upstream,
                                                                   htpasswd, tmp_path):
-    """containers/image answers the Basic challenge of the ping with `Basic Og==` when it
-    has no credentials; a mirror that took that for a wrong login (401) failed the pull."""
+    """containers/image answers the Bearer challenge of the ping by fetching a token without
+    credentials; the token service gives it an anonymous one, and the pull goes on with it.
+    (To a Basic challenge it answered `Basic Og==`, which must also stay anonymous: see
+    test_empty_basic_credentials_are_answered_as_no_header.)"""
     alpine = upstream.images["library/alpine"]
     host, seen = await recorded_mirror(access=cfg.Access(htpasswd=htpasswd, anonymous_pull=True))
     conf = registries_conf(tmp_path / "registries.conf", ("docker.io", dead(), f"{host}/hub", ""))
@@ -184,7 +185,9 @@ async def test_skopeo_pulls_anonymously_from_a_mirror_with_logins(recorded_mirro
     got = await pull(conf, "docker.io/library/alpine:3.19", tmp_path / "pulled")
     assert_same(got, alpine)  # manifest and every blob, byte for byte
     assert ("/v2/", 401, None) in seen  # the ping is challenged ...
-    answered = {(path, status) for path, status, auth in seen if auth == EMPTY}
-    assert ("/v2/hub/library/alpine/manifests/3.19", 200) in answered  # ... then Og== pulls
+    assert ("/auth/token", 200, None) in seen  # ... an anonymous token is fetched ...
+    answered = {(path, status) for path, status, auth in seen
+                if auth and auth.startswith("Bearer ")}
+    assert ("/v2/hub/library/alpine/manifests/3.19", 200) in answered  # ... and pulls
     for digest in alpine.blobs:
         assert (f"/v2/hub/library/alpine/blobs/{digest}", 200) in answered

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from mirror import config as cfg
 from mirror.api.access import Access
@@ -82,27 +82,24 @@ async def test_only_loopback_clients_may_push_without_logins(remote, allowed):
 
 
 @pytest.fixture
-async def mirror_seen_from(tmp_path, upstream):
+async def mirror_seen_from(tmp_path, upstream, aiohttp_server):
     """A mirror from make_app on 127.0.0.1 whose requests look as if they came from `remote`
     (what a reverse proxy's middleware does); nothing of the mirror is replaced."""
-    servers = []
+    roots: list[Path] = []
 
     async def start(remote: str | None, **overrides):
-        root = tmp_path / f"data{len(servers)}"
+        root = tmp_path / f"data{len(roots)}"
+        roots.append(root)
         app = make_app(mirror_config(root, upstream.url, **overrides))
         if remote is not None:
             @web.middleware
             async def seen_from(request, handler):
                 return await handler(request.clone(remote=remote))
             app.middlewares.insert(0, seen_from)
-        server = TestServer(app, host="127.0.0.1", port=0)
-        await server.start_server()
-        servers.append(server)
+        server = await aiohttp_server(app)
         return f"http://127.0.0.1:{server.port}", root
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start
 
 
 def digest_of(data: bytes) -> str:
@@ -147,7 +144,8 @@ async def test_make_app_refuses_a_push_from_another_host_and_stores_nothing(
     url, root = await mirror_seen_from("192.0.2.7")
     status, _, _ = await push(http, url, "team/new", "1.0")
     assert status == 403
-    assert not (root / "blobs").exists() or not any(p.is_file() for p in (root / "blobs").rglob("*"))
+    blobs = root / "blobs"
+    assert not blobs.exists() or not any(p.is_file() for p in blobs.rglob("*"))
     async with http.get(f"{url}/v2/team/app/manifests/2.0") as resp:  # pulls go on
         assert resp.status == 200 and await resp.read() == upstream.images["team/app"].manifest
     url, root = await mirror_seen_from("192.0.2.7", access=cfg.Access(anonymous_push=True))

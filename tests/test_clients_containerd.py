@@ -17,7 +17,7 @@ import pytest
 from mirror import config as cfg
 from mirror.ops.certs import make_ca_and_server_cert
 from tests.conftest import fetched, mirror_config
-from tests.support.containerd import Containerd, start_logged_mirror, write_hosts
+from tests.support.containerd import Containerd, logged_app, write_hosts
 from tests.support.registry import free_port
 
 
@@ -37,21 +37,21 @@ def namespace():
 
 
 @pytest.fixture
-async def logged_mirror(tmp_path, upstream):
-    """Start mirrors that log what they answer: (server, log, url)."""
-    servers = []
+async def logged_mirror(tmp_path, upstream, aiohttp_server):
+    """Start mirrors that log what they answer: (server, log, url); over TLS with `tls`.
+    (conftest's logged_mirror answers host:port; containerd's hosts.toml wants the URL.)"""
+    roots: list = []
 
     async def start(upstreams=None, tls: ssl.SSLContext | None = None):
         overrides = {"upstreams": upstreams} if upstreams else {}
-        config = mirror_config(tmp_path / f"data{len(servers)}", upstream.url, **overrides)
-        server, seen = await start_logged_mirror(config, tls)
-        servers.append(server)
+        root = tmp_path / f"data{len(roots)}"
+        roots.append(root)
+        app, seen = logged_app(mirror_config(root, upstream.url, **overrides))
+        server = await aiohttp_server(app, ssl=tls)
         scheme = "https" if tls else "http"
         return server, seen, f"{scheme}://127.0.0.1:{server.port}"
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start
 
 
 def dead_url() -> str:

@@ -17,26 +17,8 @@ from pathlib import Path
 import pytest
 
 from mirror import config as cfg
-from tests.conftest import fetched, mirror_config, sha256
-from tests.support.containerd import start_logged_mirror
+from tests.conftest import fetched, sha256
 from tests.support.registry import free_port
-
-
-@pytest.fixture
-async def logged_mirror(tmp_path, upstream):
-    """Start mirrors that log what they answer: (host:port, log, data root)."""
-    servers = []
-
-    async def start(upstreams=None):
-        overrides = {"upstreams": upstreams} if upstreams else {}
-        root = tmp_path / f"data{len(servers)}"
-        server, seen = await start_logged_mirror(mirror_config(root, upstream.url, **overrides))
-        servers.append(server)
-        return f"127.0.0.1:{server.port}", seen, root
-
-    yield start
-    for server in servers:
-        await server.close()
 
 
 def registries_conf(path: Path, *registries: tuple[str, str, str, str]) -> Path:

@@ -167,6 +167,10 @@ class Http:
 
 
 async def start_registry(root: Path, user_agent: str) -> tuple[TestServer, aiohttp.ClientSession, Http]:
+    # A TestServer by hand, not pytest-aiohttp's `aiohttp_server`: that fixture is function
+    # scoped, and each suite's cases run in order against one registry in a module-scoped
+    # fixture on the module's loop (pushes first, then the pulls and deletes of those
+    # pushes), so a server per test would lose the state the next case reads.
     config = mirror_config(root, "http://127.0.0.1:9", upstreams=())
     server = TestServer(make_app(config), host="127.0.0.1", port=0)
     await server.start_server()

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from mirror import config as cfg
 from mirror.app import make_app, ssl_context
@@ -343,7 +342,7 @@ async def test_docker_seed_workflow_over_https_with_the_ca_from_tls_init(
 
 
 async def test_docker_verifies_the_ca_in_certs_d_for_a_mirror_on_ipv6_loopback(
-        docker, upstream, proxy, tmp_path):
+        docker, upstream, proxy, tmp_path, aiohttp_server):
     """::1 is not in 127.0.0.0/8, so dockerd treats a registry there as secure: it reads
     /etc/docker/certs.d/[::1]:PORT/ca.crt and verifies the mirror's certificate. (A
     `localhost` name resolves to 127.0.0.1 and is as unverified as 127.0.0.1 itself; and
@@ -358,28 +357,24 @@ async def test_docker_verifies_the_ca_in_certs_d_for_a_mirror_on_ipv6_loopback(
     wrong_ca = tls_init(tmp_path / "other-ca", "::1")[0]
     config = mirror_config(tmp_path / "data", upstream.url, server=cfg.Server(
         listen="[::1]:0", tls_certificate=str(cert), tls_key=str(key)))
-    server = TestServer(make_app(config), host="::1", port=0)
-    await server.start_server(ssl=ssl_context(config))
-    try:
-        host = f"[::1]:{server.port}"
-        docker.configure(https_daemon_json(f"https://{host}"))
-        logged = len(docker.log())
-        with trusted_ca(host, wrong_ca):
-            result = await docker.docker("pull", "alpine:3.19")
-        assert (result.returncode, result.stderr) == (1, HUB_FAILED)
-        assert "x509: certificate signed by unknown authority" in docker.log()[logged:]
-        assert set(proxy.connects()) == {HUB}
-        assert upstream.proxy.records == []
+    server = await aiohttp_server(make_app(config), host="::1", ssl=ssl_context(config))
+    host = f"[::1]:{server.port}"
+    docker.configure(https_daemon_json(f"https://{host}"))
+    logged = len(docker.log())
+    with trusted_ca(host, wrong_ca):
+        result = await docker.docker("pull", "alpine:3.19")
+    assert (result.returncode, result.stderr) == (1, HUB_FAILED)
+    assert "x509: certificate signed by unknown authority" in docker.log()[logged:]
+    assert set(proxy.connects()) == {HUB}
+    assert upstream.proxy.records == []
 
-        proxy.requests.clear()
-        with trusted_ca(host, ca):
-            (await docker.docker("pull", "alpine:3.19")).check()
-        assert (await docker.inspect("alpine:3.19"))["RepoDigests"] == [
-            f"alpine@{alpine.digest}"]
-        assert fetched(upstream, "GET", f"/v2/library/alpine/manifests/{alpine.digest}") == 1
-        assert proxy.requests == []
-    finally:
-        await server.close()
+    proxy.requests.clear()
+    with trusted_ca(host, ca):
+        (await docker.docker("pull", "alpine:3.19")).check()
+    assert (await docker.inspect("alpine:3.19"))["RepoDigests"] == [
+        f"alpine@{alpine.digest}"]
+    assert fetched(upstream, "GET", f"/v2/library/alpine/manifests/{alpine.digest}") == 1
+    assert proxy.requests == []
 
 
 def add_user(htpasswd: Path, name: str, password: str) -> None:

@@ -20,8 +20,7 @@ import pytest
 
 from mirror import config as cfg
 from mirror.api.htpasswd import add_user
-from tests.conftest import mirror_config, sha256
-from tests.support.containerd import start_logged_mirror
+from tests.conftest import sha256
 from tests.support.images import Image, MiB, random_bytes, small_image
 from tests.support.podman import Podman, registries_conf_from_docs, unavailable
 from tests.support.registry import free_port
@@ -45,22 +44,6 @@ def podman(tmp_path):
     yield make
     left = [point for engine in made for point in engine.close()]
     assert left == [], f"podman left mounts behind: {left}"
-
-
-@pytest.fixture
-async def logged_mirror(tmp_path, upstream):
-    """Start a mirror that logs what it answers: (host:port, log, data root)."""
-    servers = []
-
-    async def start(**overrides):
-        root = tmp_path / f"data{len(servers)}"
-        server, seen = await start_logged_mirror(mirror_config(root, upstream.url, **overrides))
-        servers.append(server)
-        return f"127.0.0.1:{server.port}", seen, root
-
-    yield start
-    for server in servers:
-        await server.close()
 
 
 def calls(seen) -> set[tuple[str, str, int]]:

@@ -11,7 +11,6 @@ import json
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from mirror import config as cfg
 
@@ -102,13 +101,11 @@ class Fake:
 
 
 @pytest.fixture
-async def fake():
+async def fake(aiohttp_server):
     fake = Fake()
-    server = TestServer(fake.app(), host="127.0.0.1", port=0)
-    await server.start_server()
+    server = await aiohttp_server(fake.app())
     fake.url = f"http://127.0.0.1:{server.port}"
-    yield fake
-    await server.close()
+    return fake
 
 
 @pytest.fixture

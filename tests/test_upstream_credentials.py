@@ -27,10 +27,8 @@ def token_host(upstream) -> str:
 
 
 @pytest.fixture(params=["127.0.0.2", "127.0.0.1"], ids=["other-host", "same-host-other-port"])
-async def hostile(request):
-    server = await Hostile(request.param).start()
-    yield server
-    await server.close()
+async def hostile(request, aiohttp_server):
+    return await Hostile.serve(aiohttp_server, request.param)
 
 
 @pytest.fixture

@@ -10,15 +10,15 @@ runs one `ctr` command against it with a time limit. `stop()` kills only the PID
 
 `write_hosts()` writes `<hosts dir>/<registry>/hosts.toml` in the format containerd reads
 from `/etc/containerd/certs.d` (and `ctr --hosts-dir`): hosts are tried in file order,
-then `server`. `start_logged_mirror()` starts the mirror like the `start_mirror` fixture but
-keeps a log of every request it answered, so tests can see what the client sent to it.
+then `server`. `logged_app()` builds the mirror like the `start_mirror` fixture but keeps a
+log of every request it answered, so tests can see what the client sent to it; serve it with
+pytest-aiohttp's `aiohttp_server` (conftest's `logged_mirror` does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import ssl
 import subprocess
 import tempfile
 import time
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from mirror import config as cfg
 from mirror.app import make_app
@@ -191,12 +190,11 @@ class Seen:
     accept: list[str]  # every Accept header line
 
 
-async def start_logged_mirror(config: cfg.Config, tls: ssl.SSLContext | None = None
-                              ) -> tuple[TestServer, list[Seen]]:
-    """The mirror app on 127.0.0.1 (over TLS with `tls`), and the log of what it answered.
+def logged_app(config: cfg.Config) -> tuple[web.Application, list[Seen]]:
+    """The mirror app, and the log of what it answered.
 
     The log is filled from `on_response_prepare`, which sees every response the mirror
-    sends, errors included; nothing of the mirror itself is replaced. Close the server.
+    sends, errors included; nothing of the mirror itself is replaced.
     """
     app = make_app(config)
     seen: list[Seen] = []
@@ -206,6 +204,4 @@ async def start_logged_mirror(config: cfg.Config, tls: ssl.SSLContext | None = N
                          request.headers.getall("Accept", [])))
 
     app.on_response_prepare.append(note)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server(ssl=tls)
-    return server, seen
+    return app, seen

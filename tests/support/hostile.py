@@ -4,7 +4,8 @@ points the mirror at, to prove which credentials would have leaked there.
 It answers `/token` like a token service (a token of its own), `/cdn/...` with the bytes a
 test put in `blobs` (or, with `challenge_on_cdn`, the way a CDN can answer itself: 401 with
 a Bearer challenge naming its own realm), and anything else 404. It runs on the test's
-event loop at any loopback address (127.0.0.2 by default: "another host"), port 0.
+event loop at any loopback address (127.0.0.2 by default: "another host"), port 0:
+`Hostile.serve(aiohttp_server, host)` with pytest-aiohttp's fixture, which also closes it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import base64
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 
 @dataclass
@@ -29,20 +29,20 @@ class Hostile:
         self.seen: list[Seen] = []
         self.blobs: dict[str, bytes] = {}  # path under /cdn/ -> body
         self.challenge_on_cdn = False
-        self._server: TestServer | None = None
         self.url = ""
 
-    async def start(self) -> Hostile:
+    @classmethod
+    async def serve(cls, aiohttp_server, host: str = "127.0.0.2") -> Hostile:
+        """A Hostile on `host`, served (and closed after the test) by `aiohttp_server`."""
+        hostile = cls(host)
+        server = await aiohttp_server(hostile.app(), host=host)
+        hostile.url = f"http://{host}:{server.port}"
+        return hostile
+
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._server = TestServer(app, host=self.host, port=0)
-        await self._server.start_server()
-        self.url = f"http://{self.host}:{self._server.port}"
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            await self._server.close()
+        return app
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.seen.append(Seen(request.method, request.raw_path, dict(request.headers)))
