@@ -36,7 +36,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 echo "==> installing mirror and its test dependencies into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,keyless]'
 
 if [ "${LOWEST:-1}" != 0 ]; then
   bash scripts/lowest.sh

@@ -297,8 +297,10 @@ class ObjectStore:
         cutoff = time.time() - older_than
         stale = []
         async for page in self._pages("list_multipart_uploads", Prefix=self.settings.prefix):
+            # An upload without `Initiated` (some S3-compatible stores leave it out) has no
+            # age to judge: it is left alone, never aborted under a writer still using it.
             stale += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])
-                      if u["Initiated"].timestamp() < cutoff]
+                      if u.get("Initiated") is not None and u["Initiated"].timestamp() < cutoff]
         for key, upload_id in stale:
             await self._abort_upload(key, upload_id)
         if stale:
