@@ -27,7 +27,7 @@ from .cache.hosted import Hosted
 from .cache.proxy import Proxy
 from .cluster.fills import FillLeases
 from .config import Config
-from .keys import ACCESS, BUDGET, CONFIG, HOSTED, PROXY, REPLICAS, ROUTER, UPLOADS
+from .keys import ACCESS, BUDGET, CONFIG, HOSTED, POLICY, PROXY, REPLICAS, ROUTER, UPLOADS
 from .ops import housekeeping
 from .reference import Router
 from .storage.blobs import BlobStore
@@ -37,6 +37,7 @@ from .storage.memory import Memory
 from .storage.metadata import Metadata
 from .storage.sqlite import SqliteMetadata
 from .storage.uploads import Uploads
+from .trust.rules import PullPolicy
 from .upstream.client import Upstream
 from .upstream.slots import Shared
 
@@ -68,6 +69,7 @@ def make_app(config: Config) -> web.Application:
     app.on_response_prepare.append(_api_version)
     app[metrics.METRICS] = app_metrics = metrics.Metrics()
     app.on_response_prepare.append(app_metrics.on_response_prepare)
+    app[POLICY] = PullPolicy(config, app_metrics)  # [[policy.rules]], asked by routes.py
     logs.install(app)
     routes.setup(app)
     return app

@@ -6,6 +6,8 @@ variables: `MIRROR_<SECTION>_<KEY>` for `[server]`, `[storage]`, `[limits]`, `[h
 that is not a letter or digit written as `_`: `MIRROR_UPSTREAM_DOCKER_IO_PASSWORD`).
 Every unknown key and every bad value is a `ConfigError` that names the key, because a
 typo in a mirror's config otherwise shows up weeks later as a silent upstream miss.
+`[[policy.rules]]` (an array of tables, like `[[upstreams]]`) has no environment form; its
+globs and platforms are checked by mirror/trust/rules.py, which names the rule.
 """
 
 from __future__ import annotations
@@ -217,6 +219,26 @@ class Upstream:
         return None
 
 
+@dataclass(frozen=True)
+class PolicyRule:
+    """One `[[policy.rules]]` table; docs/trust.md says how rules combine."""
+
+    # An upstream's name (or alias), or "hosted" for pulls of pushed repositories; unset:
+    # every upstream (not hosted repositories).
+    upstream: str | None = None
+    # Repository globs, optionally with a ":tag" glob; empty: every repository.
+    allow: tuple[str, ...] = ()
+    # The same globs; a match denies, whatever allow says.
+    deny: tuple[str, ...] = ()
+    # "os/architecture[/variant]"; empty: any platform.
+    platforms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    rules: tuple[PolicyRule, ...] = ()
+
+
 DEFAULT_UPSTREAMS = (
     Upstream("docker.io", "https://registry-1.docker.io", default=True,
              aliases=("hub", "index.docker.io", "registry-1.docker.io"),
@@ -237,6 +259,7 @@ class Config:
     access: Access = field(default_factory=Access)
     cluster: Cluster = field(default_factory=Cluster)
     upstreams: tuple[Upstream, ...] = DEFAULT_UPSTREAMS
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def default_upstream(self) -> Upstream | None:
@@ -276,7 +299,7 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    unknown = set(data) - set(SECTIONS) - {"upstreams"}
+    unknown = set(data) - set(SECTIONS) - {"upstreams", "policy"}
     if unknown:
         raise ConfigError(f"unknown config section: {sorted(unknown)[0]}")
 
@@ -313,10 +336,23 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
                 host = ""
             values["realm_hosts"] = KNOWN_REALM_HOSTS.get(host, ())
         built.append(_build(Upstream, values, where))
-    config = Config(upstreams=tuple(built), **sections)
+    config = Config(upstreams=tuple(built), policy=_policy(data.get("policy", {})), **sections)
     _check_environment(environ, config)
     _check(config)
     return config
+
+
+def _policy(value: Any) -> Policy:
+    """[policy] with its `[[policy.rules]]`; what the globs mean is trust/rules.py's."""
+    values = _table(value, "policy")
+    for key in values:
+        if key != "rules":
+            raise ConfigError(f"unknown config key: policy.{key}")
+    raw = values.get("rules", [])
+    if not isinstance(raw, list):
+        raise ConfigError("policy.rules must be an array of tables ([[policy.rules]])")
+    return Policy(tuple(_build(PolicyRule, _table(rule, f"policy.rules[{i}]"),
+                               f"policy.rules[{i}]") for i, rule in enumerate(raw)))
 
 
 def _check_environment(environ: Mapping[str, str], config: Config) -> None:
@@ -524,6 +560,9 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{where}: set password or password_file, not both")
     if sum(u.default for u in config.upstreams) > 1:
         raise ConfigError("only one upstream may have default = true")
+    from .trust.rules import Rules  # here: trust/ imports this module's types
+
+    Rules(config)  # every glob, upstream and platform of [[policy.rules]], by rule
 
 
 def _check_cluster(config: Config) -> None:

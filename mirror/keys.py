@@ -10,6 +10,7 @@ from .cluster.replicas import Replicas
 from .config import Config
 from .reference import Router
 from .storage.uploads import Uploads
+from .trust.rules import PullPolicy
 
 CONFIG = web.AppKey("config", Config)
 ACCESS = web.AppKey("access", Access)
@@ -19,3 +20,4 @@ HOSTED = web.AppKey("hosted", Hosted)
 UPLOADS = web.AppKey("uploads", Uploads)
 BUDGET = web.AppKey("budget", Budget)
 REPLICAS = web.AppKey("replicas", Replicas)  # only with several replicas (cluster.redis)
+POLICY = web.AppKey("policy", PullPolicy)  # [[policy.rules]] (trust/rules.py)

@@ -110,6 +110,11 @@ class Metrics:
                                  "Blobs and manifests evicted by the disk budget.", registry=r)
         self.evicted_bytes = Counter("mirror_evicted_bytes_total",
                                      "Bytes evicted by the disk budget.", registry=r)
+        self.policy_decisions = Counter(
+            "mirror_policy_decisions_total", "Pull requests decided by [[policy.rules]], by "
+            "rule (\"rules[0]\"; \"none\" when no rule applied) and decision (allowed, "
+            "denied). An allowed request counts for each rule that applied to it.",
+            ("rule", "decision"), registry=r)
         # CPU, memory and descriptors of the process (process_*), as the default registry
         # of prometheus_client would have them.
         ProcessCollector(registry=r)

@@ -23,15 +23,17 @@ from ..cache.names import reserved
 from ..cache.proxy import Proxy
 from ..cluster import peers
 from ..errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
-from ..keys import ACCESS, BUDGET, HOSTED, PROXY, ROUTER
+from ..keys import ACCESS, BUDGET, HOSTED, POLICY, PROXY, ROUTER
 from ..media import OCI_INDEX
 from ..reference import TAG, Route, is_digest, parse_digest, parse_name
+from ..trust.rules import HOSTED as HOSTED_SCOPE
 from . import peers as api_peers
 from . import push, status, tokens
 from .responses import fill_response, stored_response
 
 
 def setup(app: web.Application) -> None:
+    # Pull rules, asked before the cache or an upstream (trust/rules.py).
     r = app.router
     for base in ("/v2", "/{prefix}/v2"):
         r.add_get(f"{base}/", ping)
@@ -115,11 +117,15 @@ async def manifest(request: web.Request) -> web.Response:
         raise ManifestUnknown(f"{reference[:200]!r} is not a valid tag, so no manifest has it")
     head = request.method == "HEAD"
     app_metrics = request.app[metrics.METRICS]
+    policy = request.app[POLICY]
     if name := await hosted(request):
+        policy.check(HOSTED_SCOPE, name, reference, request.remote)
         found = await request.app[HOSTED].manifest(name, reference)
         app_metrics.repositories.add(name)
+        target = None
     else:
         target = route(request)
+        policy.check(target.upstream.name, target.name, reference, request.remote)
         key = target.key
         app_metrics.repositories.add(key)
         lookup = app_metrics.start_lookup(key, reference)
@@ -130,6 +136,11 @@ async def manifest(request: web.Request) -> web.Response:
             hit = app_metrics.finish_lookup(lookup)
         if hit and not head:
             app_metrics.cache_bytes.labels("manifest").inc(found.size)
+    if found.body is not None and policy.active:  # platforms: a HEAD has no content to judge
+        await policy.check_platform(
+            target.upstream.name if target else HOSTED_SCOPE, target.name if target else name,
+            reference, found.digest, found.media_type, found.body,
+            lambda digest: request.app[PROXY].config_blob(target, digest), request.remote)
     # Exact bytes and type: no charset (aiohttp's text= would add one), and Content-Length
     # on HEAD too, or Docker abandons the mirror.
     headers = {"Content-Type": found.media_type, "Docker-Content-Digest": found.digest,
@@ -143,10 +154,11 @@ async def blob(request: web.Request) -> web.StreamResponse:
     headers = {"Docker-Content-Digest": digest, "Content-Type": "application/octet-stream",
                "Accept-Ranges": "bytes"}
     if request.method == "HEAD":
-        name = await hosted(request)
+        name = await hosted(request)  # a hosted blob's HEAD is a push's too: unchecked
         size = await (request.app[HOSTED].blob_size(name, digest) if name
                       else _blob_head(request, proxy, digest))
         return web.Response(headers={**headers, "Content-Length": str(size)})
+    await _check_pull(request)
     # Held against eviction from the moment it is found stored until its last byte is out.
     hold = request.app[BUDGET].hold(digest)
     try:
@@ -205,7 +217,9 @@ async def _blob_head(request: web.Request, proxy: Proxy, digest: str) -> int:
     the repository in the cache.
     """
     if names_upstream(request) or await _cached(request, proxy):
-        return await proxy.blob_head(route(request), digest)
+        target = route(request)  # a pull's HEAD: the rules apply (a push's finds no cache)
+        request.app[POLICY].check(target.upstream.name, target.name, None, request.remote)
+        return await proxy.blob_head(target, digest)
     size = await proxy.stored_size(digest)
     if size is None:
         raise BlobUnknown(f"blob {digest} is not stored here")
@@ -221,8 +235,17 @@ async def _cached(request: web.Request, proxy: Proxy) -> bool:
     return await proxy.index.has_repository(target.catalog_name)
 
 
+async def _check_pull(request: web.Request) -> None:
+    """The rules for a request without a tag (blob, tag list, referrers): its repository."""
+    if name := await hosted(request):
+        request.app[POLICY].check(HOSTED_SCOPE, name, None, request.remote)
+    elif (target := _route_or_none(request)) is not None:
+        request.app[POLICY].check(target.upstream.name, target.name, None, request.remote)
+
+
 async def tags_list(request: web.Request) -> web.Response:
     count = _page_size(request)
+    await _check_pull(request)
     if name := await hosted(request):
         tags = await request.app[HOSTED].tags(name)
     else:
@@ -244,6 +267,7 @@ async def catalog(request: web.Request) -> web.Response:
 async def referrers(request: web.Request) -> web.Response:
     digest = parse_digest(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
+    await _check_pull(request)
     if name := await hosted(request):
         return _referrers_index(await request.app[HOSTED].referrers(name, digest, artifact_type),
                                 artifact_type)

@@ -20,7 +20,8 @@ from pathlib import Path
 from aiohttp import web
 
 from .. import metrics
-from ..keys import CONFIG, PROXY, REPLICAS
+from ..keys import CONFIG, POLICY, PROXY, REPLICAS
+from ..trust.rules import PullPolicy
 
 READY_TIMEOUT = 2.0  # a hung disk makes /readyz fail, never hang
 
@@ -136,6 +137,7 @@ def render(app: web.Application, host: str,
         uptime=escape(_duration(time.time() - app_metrics.started)),
         cards="\n".join(cards),
         upstreams=_upstreams(app_metrics, proxy),
+        policy=_policy(app[POLICY], app_metrics),
         fills=_fills(proxy),
         repositories=_repositories(app_metrics),
         generated=escape(time.strftime("%Y-%m-%d %H:%M:%S %Z")),
@@ -182,6 +184,30 @@ def _upstreams(app_metrics: metrics.Metrics, proxy) -> str:
             f'<td class="n">{escape(_bytes(fetched))}</td></tr>')
     return _table(("upstream", "health", "last success", "last error", "requests", "errors",
                    "429s", "fetched"), rows, "No upstreams are configured.")
+
+
+def _policy(policy: PullPolicy, app_metrics: metrics.Metrics) -> str:
+    """The pull rules with their counts, and the latest denials (newest first)."""
+    decisions = {(s.labels["rule"], s.labels["decision"]): s.value
+                 for family in app_metrics.policy_decisions.collect() for s in family.samples
+                 if s.name.endswith("_total")}
+    rules = [f"<tr><td><code>{escape(rule.where)}</code></td><td>{escape(rule.describe())}</td>"
+             f'<td class="n">{_count(decisions.get((rule.label, "allowed"), 0))}</td>'
+             f'<td class="n">{_count(decisions.get((rule.label, "denied"), 0))}</td></tr>'
+             for rule in policy.rules.rules]
+    if not rules:
+        return '<p class="empty">No pull rules: every image may be pulled ' \
+               "([[policy.rules]] in the config, docs/trust.md).</p>"
+    denials = [f'<tr><td class="nowrap">{escape(_clock(d.at))}</td><td>{escape(d.client)}</td>'
+               f"<td><code>{escape(d.subject)}</code></td><td>{escape(d.rule)}</td></tr>"
+               for d in policy.recent]
+    return (_table(("rule", "applies to", "allowed", "denied"), rules, "")
+            + "<h3>Latest denials</h3>"
+            + _table(("time", "client", "image", "rule"), denials, "Nothing denied yet."))
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 
 
 def _fills(proxy) -> str:
@@ -285,6 +311,7 @@ main {{ padding:16px; max-width:1200px; margin:0 auto; }}
 .card {{ background:var(--card); border:1px solid var(--line); border-radius:8px;
         padding:12px 14px; margin-bottom:14px; }}
 .grid .card {{ margin-bottom:0; }}
+h3 {{ font-size:14px; margin:12px 0 6px; color:var(--muted); }}
 h2 {{ font-size:15px; margin:0 0 8px; color:var(--accent); text-transform:uppercase;
      letter-spacing:.04em; }}
 dl {{ display:grid; grid-template-columns:1fr auto; gap:4px 12px; margin:0; }}
@@ -313,6 +340,7 @@ footer {{ color:var(--muted); font-size:12px; text-align:center; padding:8px 0 2
 {cards}
 </div>
 <section class="card"><h2>Upstreams</h2>{upstreams}</section>
+<section class="card"><h2>Policy</h2>{policy}</section>
 <section class="card"><h2>Fills in progress</h2>{fills}</section>
 <section class="card"><h2>Busiest repositories</h2>{repositories}
 <p class="empty"><small>by manifest requests since the start</small></p></section>

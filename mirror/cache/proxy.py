@@ -288,6 +288,26 @@ class Proxy:
             raise Unavailable(f"upstream {upstream.name} sent no Content-Length for {digest}")
         return int(length)
 
+    async def config_blob(self, route: Route | None, digest: str) -> bytes:
+        """A manifest's config, for the platform rules (trust/rules.py): the stored blob,
+        else the upstream's answer, not stored (the client's own GET of it fills the cache).
+        Without a route (a hosted repository) only the store is asked."""
+        try:
+            return self.store.path(digest).read_bytes()  # a config is a few KiB
+        except FileNotFoundError:
+            if route is None:
+                raise BlobUnknown(f"the config {digest} is not stored here") from None
+        upstream = self._upstream(route)
+        answer = await upstream.fetch("GET", f"/v2/{route.name}/blobs/{digest}",
+                                      name=route.name, not_found=BlobUnknown, limit=1 << 20)
+        algorithm, _, encoded = digest.partition(":")
+        if hashlib.new(algorithm, answer.body).hexdigest() != encoded:
+            # A platform decided from bytes the digest does not name would be the
+            # upstream's word, not the image's.
+            raise Unavailable(f"upstream {upstream.name} sent a config for {route.name} "
+                              f"that does not match {digest}")
+        return answer.body
+
     # Tag lists and referrers.
     async def tags(self, route: Route) -> list[str]:
         cached = await self.index.tag_list(route.key)

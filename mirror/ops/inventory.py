@@ -8,7 +8,10 @@ Sizes, references and clocks come from the ledger; content the ledger does not k
 measured from the manifest itself and the blob file. Each digest is looked up once
 however many repositories share it, so the cost is the number of tags plus the number of
 distinct digests they reach, never repositories times cache. Content shared by two
-repositories counts in each, and once in the totals of `du`.
+repositories counts in each, and once in the totals of `du`. `ls` also shows each
+repository's verdict under the config's current `[[policy.rules]]` (trust/rules.py): by name
+and tag, as a pull would be decided before anything is fetched (platform rules need a
+manifest's content and are left to the pull).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ..config import Config
 from ..errors import RegistryError
 from ..media import references
 from ..reference import Router
+from ..trust.rules import HOSTED, Rules
 from .local import Storage, human_size
 
 TOP = 10
@@ -43,10 +47,32 @@ class Repository:
     content: set[str] = field(default_factory=set)
     size: int = 0
     last_used: float | None = None
+    # "allowed" or "denied by policy.rules[0] ...", for the repository and each tag.
+    verdict: str = "allowed"
+    tag_verdicts: dict[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "key": self.key or None,
-                "tags": self.tags, "size": self.size, "last_used": self.last_used}
+                "tags": self.tags, "size": self.size, "last_used": self.last_used,
+                "verdict": {"repository": self.verdict, "tags": self.tag_verdicts}}
+
+    def judge(self, rules: Rules) -> None:
+        """The verdicts of the current rules: by digest (the repository) and by tag."""
+        scope, name = (HOSTED, self.name) if self.kind == "hosted" else self.key.split("/", 1)
+        self.verdict = rules.verdict(scope, name, None)
+        self.tag_verdicts = {tag: rules.verdict(scope, name, tag) for tag in sorted(self.tags)}
+
+    def verdict_column(self) -> str:
+        """"allowed", "denied (rules[0])" or "tags denied: latest (rules[0])"."""
+        if self.verdict != "allowed":
+            return f"denied ({_rule(self.verdict)})"
+        denied = [f"{tag} ({_rule(v)})" for tag, v in self.tag_verdicts.items() if v != "allowed"]
+        return "allowed" if not denied else "tags denied: " + ", ".join(denied)
+
+
+def _rule(verdict: str) -> str:
+    """"denied by policy.rules[0] deny ..." -> "rules[0]"."""
+    return verdict.split()[2].removeprefix("policy.")
 
 
 class Lookup:
@@ -168,15 +194,19 @@ def totals(config: Config, storage: Storage, lookup: Lookup,
 
 def ls(config: Config, as_json: bool) -> int:
     found, _ = asyncio.run(_gather(config))
+    rules = Rules(config)
+    for repository in found:
+        repository.judge(rules)
     if as_json:
         print(json.dumps({"repositories": [r.as_json() for r in found]}, indent=2))
         return 0
-    rows = [("REPOSITORY", "KIND", "SIZE", "LAST USE", "TAGS")]
-    rows += [(r.name, r.kind, human_size(r.size), _when(r.last_used), _tags(r)) for r in found]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    rows = [("REPOSITORY", "KIND", "SIZE", "LAST USE", "VERDICT", "TAGS")]
+    rows += [(r.name, r.kind, human_size(r.size), _when(r.last_used), r.verdict_column(),
+              _tags(r)) for r in found]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
-        print("  ".join([*cells, row[4]]))
+        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
+        print("  ".join([*cells, row[5]]))
     return 0
 
 

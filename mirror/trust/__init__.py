@@ -1,0 +1,10 @@
+"""What the company trusts: which images may come in through the mirror at all.
+
+`rules.py` owns the pull policy (allow and deny globs per upstream, required platforms from
+`platforms.py`), decided before any upstream request. `cosign.py` verifies cosign
+signatures — the `sha256-<hex>.sig` tag and sigstore bundles found through the referrers
+API — with keys from `keys.py`, bundles read by `bundle.py`, keyless identities checked by
+`keyless.py` (sigstore-python) and defensive parsing in `formats.py`; it is not yet asked on
+the request path. Nothing here answers HTTP or touches storage: handlers in `api/` ask, and
+a refusal is a `Denied` that `errors.py` renders as 403 DENIED.
+"""
