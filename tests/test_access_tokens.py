@@ -14,6 +14,7 @@ import json
 import os
 import stat
 
+import aiohttp
 import pytest
 
 from mirror import config as cfg
@@ -174,13 +175,23 @@ async def test_tokens_outlive_a_restart_and_the_key_file_is_private(start_mirror
 
 def test_replicas_share_the_key_through_the_cluster_secret_and_tokens_expire(tmp_path):
     now = [1_000_000.0]
-    one = Tokens(TokenKey(str(tmp_path / "a"), secret="s" * 32), clock=lambda: now[0])
-    two = Tokens(TokenKey(str(tmp_path / "b"), secret="s" * 32), clock=lambda: now[0])
-    stranger = Tokens(TokenKey(str(tmp_path / "c"), secret="t" * 32), clock=lambda: now[0])
-    issued = one.issue("alice", [])["token"]
-    assert two.user(issued) == "alice"
-    with pytest.raises(Unauthorized, match="not one this registry issued"):
-        stranger.user(issued)
+    one = Tokens(TokenKey(str(tmp_path / "a"), secret="s" * 32, cluster="prod"),
+                 clock=lambda: now[0])
+    two = Tokens(TokenKey(str(tmp_path / "b"), secret="s" * 32, cluster="prod"),
+                 clock=lambda: now[0])
+    stranger = Tokens(TokenKey(str(tmp_path / "c"), secret="t" * 32, cluster="prod"),
+                      clock=lambda: now[0])
+    staging = Tokens(TokenKey(str(tmp_path / "d"), secret="s" * 32, cluster="staging"),
+                     clock=lambda: now[0])  # the same secret copied to another cluster
+    issued = one.issue("alice", [], login="L")["token"]
+    assert two.user(issued) == ("alice", "L")
+    for other in (stranger, staging):
+        with pytest.raises(Unauthorized, match="not one this registry issued"):
+            other.user(issued)
+    # Only the exact text is a token: base64 that decodes to the same MAC is not.
+    for respelled in (issued + "=", issued + "!!==", issued.replace(".", ". ")):
+        with pytest.raises(Unauthorized, match="not one this registry issued"):
+            two.user(respelled)
     assert not (tmp_path / "a").exists()  # with a secret no key file is written
     now[0] += TOKEN_SECONDS
     with pytest.raises(Unauthorized, match="expired"):
@@ -193,3 +204,71 @@ def test_scopes_parse_as_the_spec_writes_them():
         ("repository", "team/app", ["pull", "push"]),
         ("repository", "127.0.0.1:5000/x", ["pull"]),
         ("repository", "y", [])]
+
+
+async def test_a_token_ends_when_its_user_is_removed_or_gets_a_new_password(
+        start_mirror, http, tmp_path):
+    path = tmp_path / "htpasswd"
+    add_user(path, "alice", "wonder")
+    add_user(path, "bob", "builder")
+    root = tmp_path / "data"
+    first = await start_mirror(root=root, access=cfg.Access(htpasswd=str(path)))
+    alice = await token(http, first, "repository:x:pull", ALICE)
+    bob = await token(http, first, "repository:x:pull", BOB)
+    await first.server.close()
+    path.write_text("")  # both gone; alice comes back with another password
+    add_user(path, "alice", "looking-glass")
+    again = await start_mirror(root=root, access=cfg.Access(htpasswd=str(path)))
+    for stale in (alice, bob):
+        status, headers, body = await get(http, f"{again.url}/v2/", f"Bearer {stale}")
+        assert status == 401 and b"log in again" in body
+        assert headers["WWW-Authenticate"].startswith("Bearer realm=")
+    fresh = await token(http, again, "repository:x:pull",
+                        "Basic " + base64.b64encode(b"alice:looking-glass").decode())
+    assert (await get(http, f"{again.url}/v2/", f"Bearer {fresh}"))[0] == 200
+
+
+async def test_the_realm_is_the_mirror_as_the_client_reached_it_and_never_a_forged_host(
+        start_mirror, http, htpasswd):
+    mirror = await start_mirror(access=cfg.Access(htpasswd=htpasswd))
+    ping = f"{mirror.url}/v2/"
+
+    async def realm(**headers):
+        async with http.get(ping, headers=headers) as resp:
+            assert resp.status == 401
+            return resp.headers["WWW-Authenticate"]
+
+    assert await realm() == f'Bearer realm="{mirror.url}/auth/token",service="mirror"'
+    # Behind a reverse proxy that terminates TLS (nginx: proxy_set_header X-Forwarded-*).
+    assert await realm(**{"X-Forwarded-Proto": "https",
+                          "X-Forwarded-Host": "mirror.example"}) == (
+        'Bearer realm="https://mirror.example/auth/token",service="mirror"')
+    # A Host that is not host[:port] is never written into the header.
+    assert await realm(Host='evil.example",service="x') == (
+        f'Bearer realm="http://{mirror.host}/auth/token",service="mirror"')
+    # Nor is a name that is not one.
+    async with http.get(f"{mirror.url}/v2/a%22,realm=%22x/manifests/1",
+                        headers={"Authorization": WRONG}) as resp:
+        assert resp.status in (400, 401) and "realm=\"x" not in resp.headers.get(
+            "WWW-Authenticate", "")
+
+
+async def test_the_token_form_is_small_and_urlencoded_only(start_mirror, http, htpasswd):
+    mirror = await start_mirror(access=cfg.Access(htpasswd=htpasswd))
+    data = aiohttp.FormData()
+    data.add_field("grant_type", "password")
+    data.add_field("file", b"x" * 100_000, filename="big.bin")  # multipart: refused
+    status, _, body = await get(http, f"{mirror.url}/auth/token", method="POST", data=data)
+    assert status == 400 and b"x-www-form-urlencoded" in body
+    status, _, body = await get(http, f"{mirror.url}/auth/token", method="POST",
+                                data={"grant_type": "password", "username": "a" * 9000})
+    assert status == 400 and b"at most 8192 bytes" in body
+
+
+def test_several_replicas_with_logins_need_the_cluster_secret(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="need cluster.secret"):
+        cfg.load(None, environ={"MIRROR_CLUSTER_REDIS": "redis://127.0.0.1:1/0",
+                                "MIRROR_ACCESS_HTPASSWD": str(tmp_path / "htpasswd"),
+                                "MIRROR_STORAGE_BACKEND": "s3",
+                                "MIRROR_STORAGE_S3_BUCKET": "b",
+                                "MIRROR_STORAGE_S3_ENDPOINT": "http://127.0.0.1:1"})

@@ -38,18 +38,22 @@ from .. import config as cfg
 from ..cache.flights import Flights
 from ..errors import (
     Denied,
+    NameInvalid,
     NameUnknown,
     TokenRequestInvalid,
     TooManyRequests,
     Unauthorized,
     Unsupported,
 )
+from ..reference import parse_name
 from . import tokens
 from .htpasswd import dummy_entry, read_htpasswd, verify
 from .logins import Failures, basic_credentials, client_key, is_loopback
 from .tokens import TokenKey, Tokens
 
 log = logging.getLogger("mirror")
+
+TOKEN_FORM_MAX = 8192  # bytes of a token POST
 
 # The token service's own challenge: it takes logins as Basic credentials only.
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="mirror"'}
@@ -85,7 +89,12 @@ class Access:
         header = request.headers.get("Authorization")
         scheme, _, token = (header or "").strip().partition(" ")
         if bearer and scheme.lower() == "bearer":
-            return self.tokens.user(token.strip())
+            user, login = self.tokens.user(token.strip())
+            entry = self.users.get(user) if user is not None else None
+            if user is not None and (entry is None or login != _login(entry.hashed)):
+                raise Unauthorized("the login this token was issued for has changed (a new "
+                                   "password, or the user was removed); log in again")
+            return user
         credentials = basic_credentials(header)
         if credentials is None:
             return None
@@ -161,8 +170,18 @@ class Access:
         if request.path == tokens.PATH:
             return CHALLENGE
         actions = "pull" if request.method in PULL_METHODS else "pull,push"
-        return tokens.challenge(request.scheme, request.host,
-                                request.match_info.get("name"), actions)
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        local = (f"[{sockname[0]}]:{sockname[1]}" if ":" in sockname[0]
+                 else f"{sockname[0]}:{sockname[1]}") if sockname else "localhost"
+        realm = tokens.realm(request.scheme, request.host,
+                             request.headers.get("X-Forwarded-Proto"),
+                             request.headers.get("X-Forwarded-Host"), local)
+        name = request.match_info.get("name")
+        try:
+            name = parse_name(name) if name else None
+        except NameInvalid:  # never write what is not a name into the header
+            name = None
+        return tokens.challenge(realm, name, actions)
 
     async def token(self, request: web.Request) -> web.Response:
         """`GET /auth/token` (Docker's token spec) and the OAuth2 password grant containerd
@@ -170,6 +189,12 @@ class Access:
         if self.users is None:
             raise NameUnknown("this registry has no logins (access.htpasswd), so no tokens")
         if request.method == "POST":
+            # Only the small urlencoded form OAuth2 defines: no multipart parts spooled to
+            # disk for anyone who asks.
+            if request.content_type != "application/x-www-form-urlencoded" or \
+                    (request.content_length or 0) > TOKEN_FORM_MAX:
+                raise TokenRequestInvalid("POST an application/x-www-form-urlencoded form of "
+                                          f"at most {TOKEN_FORM_MAX} bytes")
             form = await request.post()
             if form.get("grant_type") != "password":
                 # OAuth2's answer; containerd then asks again with GET and Basic credentials.
@@ -192,7 +217,8 @@ class Access:
                        or (a in ("push", "delete", "*") and self.may_push(user))]
             if allowed:
                 granted.append({"type": kind, "name": name, "actions": allowed})
-        return web.json_response(self.tokens.issue(user, granted),
+        login = _login(self.users[user].hashed) if user is not None else ""
+        return web.json_response(self.tokens.issue(user, granted, login),
                                  headers={"Cache-Control": "no-store"})
 
     def middleware(self):
@@ -227,3 +253,9 @@ class Access:
 
     async def _close(self, app: web.Application) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _login(hashed: str) -> str:
+    """What binds a token to a login: a short hash of the user's htpasswd entry, so a new
+    password or a removed user ends the tokens issued before (the hash reveals nothing)."""
+    return hashlib.sha256(b"mirror token login\0" + hashed.encode()).hexdigest()[:16]
