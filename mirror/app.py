@@ -27,7 +27,19 @@ from .cache.hosted import Hosted
 from .cache.proxy import Proxy
 from .cluster.fills import FillLeases
 from .config import Config
-from .keys import ACCESS, BUDGET, CONFIG, HOSTED, POLICY, PROXY, REPLICAS, ROUTER, UPLOADS
+from .keys import (
+    ACCESS,
+    BUDGET,
+    CONFIG,
+    HOSTED,
+    POLICY,
+    PROXY,
+    REPLICAS,
+    ROUTER,
+    SCANNER,
+    SIGNATURES,
+    UPLOADS,
+)
 from .ops import housekeeping
 from .reference import Router
 from .storage.blobs import BlobStore
@@ -38,6 +50,8 @@ from .storage.metadata import Metadata
 from .storage.sqlite import SqliteMetadata
 from .storage.uploads import Uploads
 from .trust.rules import PullPolicy
+from .trust.scanner import Scanner
+from .trust.signatures import Signatures
 from .upstream.client import Upstream
 from .upstream.slots import Shared
 
@@ -56,7 +70,8 @@ def make_app(config: Config) -> web.Application:
     # Always installed: without logins it still keeps pushes to loopback clients.
     # Client tokens (api/tokens.py): every replica signs with the cluster's secret.
     access = Access(config.access, TokenKey(
-        config.storage.root, config.cluster.secret if config.cluster.redis else None))
+        config.storage.root, config.cluster.secret if config.cluster.redis else None,
+        config.cluster.name))
     middlewares.append(access.middleware())
     # Request line, header and keep-alive limits and the header deadline: api/connections.py.
     app = connections.Application(config.limits, middlewares=middlewares)
@@ -70,6 +85,9 @@ def make_app(config: Config) -> web.Application:
     app[metrics.METRICS] = app_metrics = metrics.Metrics()
     app.on_response_prepare.append(app_metrics.on_response_prepare)
     app[POLICY] = PullPolicy(config, app_metrics)  # [[policy.rules]], asked by routes.py
+    app[SIGNATURES] = Signatures(config, app_metrics)  # keys read now: a bad file stops here
+    app[SCANNER] = Scanner(config.policy, app_metrics)  # policy.scan_webhook, after them
+    app.cleanup_ctx.append(app[SCANNER].session)  # its own webhook session
     logs.install(app)
     routes.setup(app)
     return app

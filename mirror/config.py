@@ -235,8 +235,37 @@ class PolicyRule:
 
 
 @dataclass(frozen=True)
+class PolicySignature:
+    """One `[[policy.signatures]]` table; docs/trust.md "Signatures" says what it checks."""
+
+    # An upstream's name (or alias); unset: every upstream. Pushed repositories have none.
+    upstream: str | None = None
+    # Repository globs as in [[policy.rules]], without tags; empty: every repository.
+    repositories: tuple[str, ...] = ()
+    # PEM public keys (cosign.pub): `key` is one, `keys` several; a signature by any admits.
+    key: str | None = None
+    keys: tuple[str, ...] = ()
+    # Keyless signers, (identity, issuer) pairs from `{identity = ..., issuer = ...}` tables;
+    # they need policy.trusted_root.
+    identities: tuple[tuple[str, str], ...] = ()
+    mode: str = "enforce"  # enforce | warn | audit
+
+
+@dataclass(frozen=True)
 class Policy:
     rules: tuple[PolicyRule, ...] = ()
+    signatures: tuple[PolicySignature, ...] = ()
+    # Sigstore's trusted_root.json, for keyless signatures (identities) only.
+    trusted_root: str | None = None
+    # The scanner gate (trust/scanner.py): the URL a manifest digest is POSTed to before it
+    # is first served; unset: no gate.
+    scan_webhook: str | None = None
+    # How long a client's request waits for a verdict before it gets 503 with Retry-After.
+    scan_timeout: float = 30.0
+    # Webhook unreachable, non-2xx or a bad answer: deny (503, so clients retry) or serve.
+    scan_fail_closed: bool = True
+    # Repository globs (as in [[policy.rules]], without tags) the gate applies to; empty: all.
+    scan_repositories: tuple[str, ...] = ()
 
 
 DEFAULT_UPSTREAMS = (
@@ -345,14 +374,63 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
 def _policy(value: Any) -> Policy:
     """[policy] with its `[[policy.rules]]`; what the globs mean is trust/rules.py's."""
     values = _table(value, "policy")
+    scan = _scan_keys(values)
     for key in values:
-        if key != "rules":
+        if key not in ("rules", "signatures", "trusted_root") and key not in scan:
             raise ConfigError(f"unknown config key: policy.{key}")
     raw = values.get("rules", [])
     if not isinstance(raw, list):
         raise ConfigError("policy.rules must be an array of tables ([[policy.rules]])")
+    trusted_root = values.get("trusted_root")
+    if trusted_root is not None and not isinstance(trusted_root, str):
+        raise ConfigError("policy.trusted_root must be a string (a path to trusted_root.json)")
     return Policy(tuple(_build(PolicyRule, _table(rule, f"policy.rules[{i}]"),
-                               f"policy.rules[{i}]") for i, rule in enumerate(raw)))
+                               f"policy.rules[{i}]") for i, rule in enumerate(raw)),
+                  signatures=_signatures(values.get("signatures", [])),
+                  trusted_root=trusted_root, **scan)
+
+
+def _scan_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """The scanner gate's `scan_*` keys of [policy], converted and checked."""
+    types = {f.name: f.type for f in dataclasses.fields(Policy) if f.name.startswith("scan_")}
+    scan = {key: _convert(value, types[key], f"policy.{key}")
+            for key, value in values.items() if key in types}
+    webhook = scan.get("scan_webhook")
+    if webhook is not None and not _url_of(webhook, ("http", "https")):
+        raise ConfigError("policy.scan_webhook must be an http:// or https:// URL, not "
+                          f"{_without_userinfo(webhook)!r}")
+    from .trust.scanner import repository_globs  # here: trust/ imports this module's types
+
+    repository_globs(scan.get("scan_repositories", ()), "policy.scan_repositories")
+    return scan
+
+
+def _signatures(raw: Any) -> tuple[PolicySignature, ...]:
+    """[[policy.signatures]]; keys, globs and modes are checked by trust/signatures.py."""
+    if not isinstance(raw, list):
+        raise ConfigError("policy.signatures must be an array of tables "
+                          "([[policy.signatures]])")
+    built = []
+    for i, table in enumerate(raw):
+        where = f"policy.signatures[{i}]"
+        values = dict(_table(table, where))
+        identities = values.pop("identities", [])
+        if not isinstance(identities, list):
+            raise ConfigError(f"{where}.identities must be a list of "
+                              "{identity = \"...\", issuer = \"...\"} tables")
+        pairs = []
+        for j, entry in enumerate(identities):
+            entry = _table(entry, f"{where}.identities[{j}]")
+            for key in entry:
+                if key not in ("identity", "issuer"):
+                    raise ConfigError(f"unknown config key: {where}.identities[{j}].{key}")
+            for key in ("identity", "issuer"):
+                if not isinstance(entry.get(key), str) or not entry[key]:
+                    raise ConfigError(f"{where}.identities[{j}].{key} is required (a string)")
+            pairs.append((entry["identity"], entry["issuer"]))
+        built.append(dataclasses.replace(_build(PolicySignature, values, where),
+                                         identities=tuple(pairs)))
+    return tuple(built)
 
 
 def _check_environment(environ: Mapping[str, str], config: Config) -> None:
@@ -522,6 +600,11 @@ def _check(config: Config) -> None:
         raise ConfigError(f"server.listen must be HOST:PORT, not {server.listen!r}")
     if (server.tls_certificate is None) != (server.tls_key is None):
         raise ConfigError("server.tls_certificate and server.tls_key must be set together")
+    if config.cluster.redis and config.access.htpasswd and not config.cluster.secret:
+        # Each replica would sign client tokens with a key of its own, and a token from one
+        # would be refused by the next the load balancer picks, mid-pull.
+        raise ConfigError("with access.htpasswd, several replicas need cluster.secret: client "
+                          "tokens are signed with it, so each replica accepts the others'")
     for key in ("tls_certificate", "tls_key"):
         path = getattr(server, key)
         if path is not None and not os.path.isfile(path):
@@ -563,6 +646,9 @@ def _check(config: Config) -> None:
     from .trust.rules import Rules  # here: trust/ imports this module's types
 
     Rules(config)  # every glob, upstream and platform of [[policy.rules]], by rule
+    from .trust.signatures import compile_rules
+
+    compile_rules(config)  # [[policy.signatures]]: globs, upstreams, modes (files: at serve)
 
 
 def _check_cluster(config: Config) -> None:

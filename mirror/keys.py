@@ -11,6 +11,8 @@ from .config import Config
 from .reference import Router
 from .storage.uploads import Uploads
 from .trust.rules import PullPolicy
+from .trust.scanner import Scanner
+from .trust.signatures import Signatures
 
 CONFIG = web.AppKey("config", Config)
 ACCESS = web.AppKey("access", Access)
@@ -21,3 +23,5 @@ UPLOADS = web.AppKey("uploads", Uploads)
 BUDGET = web.AppKey("budget", Budget)
 REPLICAS = web.AppKey("replicas", Replicas)  # only with several replicas (cluster.redis)
 POLICY = web.AppKey("policy", PullPolicy)  # [[policy.rules]] (trust/rules.py)
+SCANNER = web.AppKey("scanner", Scanner)  # policy.scan_webhook (trust/scanner.py)
+SIGNATURES = web.AppKey("signatures", Signatures)  # [[policy.signatures]] (trust/signatures.py)

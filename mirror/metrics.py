@@ -115,6 +115,16 @@ class Metrics:
             "rule (\"rules[0]\"; \"none\" when no rule applied) and decision (allowed, "
             "denied). An allowed request counts for each rule that applied to it.",
             ("rule", "decision"), registry=r)
+        self.signature_verdicts = Counter(
+            "mirror_signature_verdicts_total", "Manifest requests judged by "
+            "[[policy.signatures]], by rule (\"signatures[0]\"), verdict (signed, unsigned, "
+            "invalid) and the rule's mode (enforce, warn, audit).",
+            ("rule", "verdict", "mode"), registry=r)
+        self.scan_verdicts = Counter(
+            "mirror_scan_verdicts_total", "Manifest requests decided by the scanner gate "
+            "(policy.scan_webhook), by verdict: allowed, denied, error (the webhook failed; "
+            "served or not by policy.scan_fail_closed), pending (503 while a scan runs).",
+            ("verdict",), registry=r)
         # CPU, memory and descriptors of the process (process_*), as the default registry
         # of prometheus_client would have them.
         ProcessCollector(registry=r)

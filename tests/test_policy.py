@@ -269,6 +269,14 @@ async def test_cached_content_of_a_repository_denied_later_is_not_served(
                 'policy.rules[0] deny "library/alpine": docker.io/library/alpine'), path
     async with http.head(f"{mirror.url}/v2/library/alpine/blobs/{alpine.layer_digests[0]}") as r:
         assert r.status == 403  # a pull's HEAD: the repository is cached
+    # The blob store is shared by every name: one no rule can judge (no upstream, not
+    # hosted) gets nothing, or any denied layer could be read through it by digest.
+    for path in (f"/v2/nope.example/x/blobs/{alpine.layer_digests[0]}",
+                 f"/bogus/v2/library/alpine/blobs/{alpine.layer_digests[0]}",
+                 f"/v2/library/alpine/blobs/{alpine.layer_digests[0]}?ns=bogus"):
+        async with http.get(mirror.url + path) as r:
+            assert r.status == 404, path
+            assert (await error_of(r))["code"] == "NAME_UNKNOWN", path
     assert upstream.proxy.records == []
     assert len(mirror.blob_files()) == len(alpine.blobs)  # denied, not deleted
 
@@ -436,9 +444,25 @@ def test_the_trust_pages_example_loads_and_decides_as_its_table_says(tmp_path):
 def test_the_shipped_configs_commented_rules_load_when_uncommented(tmp_path):
     text = (REPO / "conf" / "mirror.toml").read_text()
     head, _, example = text.partition("# Pull policy")
+    example, _, signatures = example.partition("# Signatures")
     rules_text = "\n".join(line[2:] if line.startswith("# ") else "" for line in
                            example.splitlines() if line.startswith("#"))
     rules_text = rules_text[rules_text.index("[[policy.rules]]"):]
     config = load(tmp_path, head + rules_text)
     assert [r.upstream for r in config.policy.rules] == ["docker.io", "hosted"]
     assert config.policy.rules[0].platforms == ("linux/amd64", "linux/arm64")
+    scanner = text.partition("# Scanner gate")[2].partition("# Pull policy")[0]
+    scanner = scanner[scanner.index("# [policy]"):]
+    scanner_text = "\n".join(line[2:] for line in scanner.splitlines() if line.startswith("# "))
+    gate = load(tmp_path, head.partition("# Scanner gate")[0] + scanner_text).policy
+    assert (gate.scan_webhook, gate.scan_timeout, gate.scan_fail_closed,
+            gate.scan_repositories) == ("http://scanner.internal:8080/scan", 30.0, True,
+                                        ("myorg/*",))
+    signatures = signatures[signatures.index("# [[policy.signatures]]"):]
+    signed = load(tmp_path, head + '[policy]\ntrusted_root = "/etc/mirror/trusted_root.json"\n'
+                  + "\n".join(
+        line[2:] for line in signatures.splitlines() if line.startswith("# "))).policy
+    assert [(s.upstream, s.repositories, s.key, s.mode) for s in signed.signatures] == [
+        ("docker.io", ("myorg/*",), "/etc/mirror/cosign.pub", "enforce")]
+    assert signed.signatures[0].identities[0][1] == \
+        "https://token.actions.githubusercontent.com"

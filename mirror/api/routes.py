@@ -23,7 +23,7 @@ from ..cache.names import reserved
 from ..cache.proxy import Proxy
 from ..cluster import peers
 from ..errors import BlobUnknown, ManifestUnknown, NameInvalid, NameUnknown, PaginationInvalid
-from ..keys import ACCESS, BUDGET, HOSTED, POLICY, PROXY, ROUTER
+from ..keys import ACCESS, BUDGET, HOSTED, POLICY, PROXY, ROUTER, SCANNER, SIGNATURES
 from ..media import OCI_INDEX
 from ..reference import TAG, Route, is_digest, parse_digest, parse_name
 from ..trust.rules import HOSTED as HOSTED_SCOPE
@@ -141,6 +141,14 @@ async def manifest(request: web.Request) -> web.Response:
             target.upstream.name if target else HOSTED_SCOPE, target.name if target else name,
             reference, found.digest, found.media_type, found.body,
             lambda digest: request.app[PROXY].config_blob(target, digest), request.remote)
+    if target is not None and request.app[SIGNATURES].active:  # cosign: trust/signatures.py
+        await request.app[SIGNATURES].check(target, reference, found, request.app[PROXY],
+                                            request.remote)
+    # The scanner gate last, after the rules and signatures (a webhook call is the costly
+    # step): by digest, so a HEAD and a cached manifest are judged too (trust/scanner.py).
+    await request.app[SCANNER].check(
+        target.upstream.name if target else HOSTED_SCOPE, target.name if target else name,
+        reference, found.digest, found.media_type, request.remote)
     # Exact bytes and type: no charset (aiohttp's text= would add one), and Content-Length
     # on HEAD too, or Docker abandons the mirror.
     headers = {"Content-Type": found.media_type, "Docker-Content-Digest": found.digest,
@@ -237,10 +245,16 @@ async def _cached(request: web.Request, proxy: Proxy) -> bool:
 
 async def _check_pull(request: web.Request) -> None:
     """The rules for a request without a tag (blob, tag list, referrers): its repository."""
+    policy = request.app[POLICY]
     if name := await hosted(request):
-        request.app[POLICY].check(HOSTED_SCOPE, name, None, request.remote)
+        policy.check(HOSTED_SCOPE, name, None, request.remote)
     elif (target := _route_or_none(request)) is not None:
-        request.app[POLICY].check(target.upstream.name, target.name, None, request.remote)
+        policy.check(target.upstream.name, target.name, None, request.remote)
+    elif policy.active:
+        # No rule can be asked about a name that is neither hosted nor routed to an upstream,
+        # and the blob store is shared by every name: with rules, such a name gets nothing
+        # (else `/v2/nope.example/x/blobs/<digest of a denied image>` would serve it).
+        route(request)  # raises NameUnknown, saying why the name is not served
 
 
 async def tags_list(request: web.Request) -> web.Response:

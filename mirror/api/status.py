@@ -20,8 +20,10 @@ from pathlib import Path
 from aiohttp import web
 
 from .. import metrics
-from ..keys import CONFIG, POLICY, PROXY, REPLICAS
+from ..keys import CONFIG, POLICY, PROXY, REPLICAS, SCANNER, SIGNATURES
 from ..trust.rules import PullPolicy
+from ..trust.scanner import Scanner
+from ..trust.signatures import Signatures
 
 READY_TIMEOUT = 2.0  # a hung disk makes /readyz fail, never hang
 
@@ -137,7 +139,8 @@ def render(app: web.Application, host: str,
         uptime=escape(_duration(time.time() - app_metrics.started)),
         cards="\n".join(cards),
         upstreams=_upstreams(app_metrics, proxy),
-        policy=_policy(app[POLICY], app_metrics),
+        policy=_policy(app[POLICY], app_metrics) + _signatures(app[SIGNATURES], app_metrics)
+        + _scanner(app[SCANNER], app_metrics),
         fills=_fills(proxy),
         repositories=_repositories(app_metrics),
         generated=escape(time.strftime("%Y-%m-%d %H:%M:%S %Z")),
@@ -204,6 +207,45 @@ def _policy(policy: PullPolicy, app_metrics: metrics.Metrics) -> str:
     return (_table(("rule", "applies to", "allowed", "denied"), rules, "")
             + "<h3>Latest denials</h3>"
             + _table(("time", "client", "image", "rule"), denials, "Nothing denied yet."))
+
+
+def _scanner(scanner: Scanner, app_metrics: metrics.Metrics) -> str:
+    """The scanner gate's line (its counts by verdict) and its latest denials."""
+    if not scanner.active:
+        return ""
+    counts = {s.labels["verdict"]: s.value for family in app_metrics.scan_verdicts.collect()
+              for s in family.samples if s.name.endswith("_total")}
+    line = (f"<p><b>Scanner gate</b>: {_count(scanner.running)} scans pending "
+            f"({_count(scanner.waiting)} requests waiting); requests "
+            + ", ".join(f"{_count(counts.get(v, 0))} {v}"
+                        for v in ("allowed", "denied", "pending", "error"))
+            + f"; {_count(len(scanner.verdicts))} verdicts kept "
+            f"(policy.scan_webhook, docs/trust.md).</p>")
+    denials = [f'<tr><td class="nowrap">{escape(_clock(d.at))}</td><td>{escape(d.client)}</td>'
+               f"<td><code>{escape(d.subject)}</code></td><td>{escape(d.rule)}</td></tr>"
+               for d in scanner.recent]
+    return (line + "<h3>Latest scanner denials</h3>"
+            + _table(("time", "client", "image", "reason"), denials, "Nothing denied yet."))
+
+
+def _signatures(signatures: Signatures, app_metrics: metrics.Metrics) -> str:
+    """The signature rules with their verdict counts, and the latest signature denials."""
+    if not signatures.active:
+        return ""
+    counts = {(s.labels["rule"], s.labels["verdict"]): s.value
+              for family in app_metrics.signature_verdicts.collect() for s in family.samples
+              if s.name.endswith("_total")}
+    rules = [f"<tr><td><code>{escape(rule.where)}</code></td><td>{escape(rule.describe())}</td>"
+             + "".join(f'<td class="n">{_count(counts.get((rule.label, verdict), 0))}</td>'
+                       for verdict in ("signed", "unsigned", "invalid")) + "</tr>"
+             for rule in signatures.rules]
+    denials = [f'<tr><td class="nowrap">{escape(_clock(d.at))}</td><td>{escape(d.client)}</td>'
+               f"<td><code>{escape(d.subject)}</code></td><td>{escape(d.rule)}</td></tr>"
+               for d in signatures.recent]
+    return ("<h3>Signatures</h3>"
+            + _table(("rule", "checks", "signed", "unsigned", "invalid"), rules, "")
+            + "<h3>Latest signature denials</h3>"
+            + _table(("time", "client", "image", "reason"), denials, "Nothing denied yet."))
 
 
 def _clock(at: float) -> str:
