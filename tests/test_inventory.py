@@ -54,6 +54,7 @@ async def test_ls_and_du_report_what_is_stored(mirror, upstream, tmp_path):
         "name": "myteam/tool", "kind": "hosted", "key": None,
         "tags": {"1": {"any": alpine.digest}}, "size": stored_size(alpine),
         "verdict": {"repository": "allowed", "tags": {"1": "allowed"}},
+        "signatures": {"1": {"digest": alpine.digest, "verdict": "not required", "rules": []}},
         "last_used": found["myteam/tool"]["last_used"]}
     for repository in found.values():
         assert started - 1 <= repository["last_used"] <= time.time()
@@ -81,9 +82,11 @@ async def test_the_human_tables_show_names_sizes_and_budget(mirror, upstream, tm
 
     result = await run(config, "ls")
     header, row = result.out.splitlines()
-    assert header.split() == ["REPOSITORY", "KIND", "SIZE", "LAST", "USE", "VERDICT", "TAGS"]
+    assert header.split() == ["REPOSITORY", "KIND", "SIZE", "LAST", "USE", "VERDICT", "TAGS",
+                              "SIGNATURES"]
     assert row.startswith("library/alpine  cached  " + human_size(stored_size(alpine)))
-    assert row.endswith("  3.19")
+    # No [[policy.signatures]]: nothing to require of any tag.
+    assert row.endswith("  3.19  not required")
     assert time.strftime("%Y-%m-%d") in row
 
     result = await run(config, "du")

@@ -11,7 +11,8 @@ distinct digests they reach, never repositories times cache. Content shared by t
 repositories counts in each, and once in the totals of `du`. `ls` also shows each
 repository's verdict under the config's current `[[policy.rules]]` (trust/rules.py): by name
 and tag, as a pull would be decided before anything is fetched (platform rules need a
-manifest's content and are left to the pull).
+manifest's content and are left to the pull), and, under `[[policy.signatures]]`, each
+tag's signature verdict, computed offline from the stored signatures (ops/verdicts.py).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..errors import RegistryError
 from ..media import references
 from ..reference import Router
 from ..trust.rules import HOSTED, Rules
-from .local import Storage, human_size
+from .local import CommandError, Storage, human_size
+from .verdicts import ARTIFACT, NOT_REQUIRED, RuleVerdict, SignatureVerdicts
 
 TOP = 10
 
@@ -50,11 +52,38 @@ class Repository:
     # "allowed" or "denied by policy.rules[0] ...", for the repository and each tag.
     verdict: str = "allowed"
     tag_verdicts: dict[str, str] = field(default_factory=dict)
+    # Per tag: each applying signature rule's verdict, NOT_REQUIRED or ARTIFACT.
+    signatures: dict[str, tuple[str, list[RuleVerdict] | str]] = field(default_factory=dict)
 
     def as_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "key": self.key or None,
                 "tags": self.tags, "size": self.size, "last_used": self.last_used,
-                "verdict": {"repository": self.verdict, "tags": self.tag_verdicts}}
+                "verdict": {"repository": self.verdict, "tags": self.tag_verdicts},
+                "signatures": {tag: _signature_json(digest, found) for tag, (digest, found)
+                               in self.signatures.items()}}
+
+    async def judge_signatures(self, verdicts: SignatureVerdicts) -> None:
+        """Each tag's signature verdicts; a tag is judged by the digest a client accepting
+        indexes gets (what cosign signs; a signed index admits the rest)."""
+        for tag, classes in sorted(self.tags.items()):
+            digest = classes.get("index") or min(classes.values())
+            found: list[RuleVerdict] | str = NOT_REQUIRED
+            if self.kind == "cached":  # pushed repositories are never checked
+                found = await verdicts.judge(self.key, tag, digest)
+            self.signatures[tag] = (digest, found)
+
+    def signature_column(self) -> str:
+        """`not required`, one verdict for every tag, or `1, 2: signed (...); 3: ...`."""
+        shown: dict[str, list[str]] = {}
+        for tag, (_, found) in self.signatures.items():
+            if found != ARTIFACT:
+                text = found if isinstance(found, str) else " + ".join(map(str, found))
+                shown.setdefault(text, []).append(tag)
+        if not shown:  # no tags, or only signatures' own
+            return "-"
+        if len(shown) == 1:
+            return next(iter(shown))
+        return "; ".join(f"{', '.join(tags)}: {text}" for text, tags in shown.items())
 
     def judge(self, rules: Rules) -> None:
         """The verdicts of the current rules: by digest (the repository) and by tag."""
@@ -68,6 +97,15 @@ class Repository:
             return f"denied ({_rule(self.verdict)})"
         denied = [f"{tag} ({_rule(v)})" for tag, v in self.tag_verdicts.items() if v != "allowed"]
         return "allowed" if not denied else "tags denied: " + ", ".join(denied)
+
+
+def _signature_json(digest: str, found: list[RuleVerdict] | str) -> dict:
+    """`{"digest", "verdict", "rules"}`: the verdict is the first rule's that is not
+    `signed` (what a pull would be refused or warned for), or `signed`."""
+    if isinstance(found, str):
+        return {"digest": digest, "verdict": found, "rules": []}
+    status = next((v.status for v in found if v.status != "signed"), "signed")
+    return {"digest": digest, "verdict": status, "rules": [v.as_json() for v in found]}
 
 
 def _rule(verdict: str) -> str:
@@ -193,21 +231,36 @@ def totals(config: Config, storage: Storage, lookup: Lookup,
 
 
 def ls(config: Config, as_json: bool) -> int:
-    found, _ = asyncio.run(_gather(config))
-    rules = Rules(config)
-    for repository in found:
-        repository.judge(rules)
+    found = asyncio.run(_listing(config))
     if as_json:
         print(json.dumps({"repositories": [r.as_json() for r in found]}, indent=2))
         return 0
-    rows = [("REPOSITORY", "KIND", "SIZE", "LAST USE", "VERDICT", "TAGS")]
+    rows = [("REPOSITORY", "KIND", "SIZE", "LAST USE", "VERDICT", "TAGS", "SIGNATURES")]
     rows += [(r.name, r.kind, human_size(r.size), _when(r.last_used), r.verdict_column(),
-              _tags(r)) for r in found]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+              _tags(r), r.signature_column()) for r in found]
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
-        print("  ".join([*cells, row[5]]))
+        cells = [cell.ljust(width) for cell, width in zip(row[:6], widths, strict=True)]
+        print("  ".join([*cells, row[6]]))
     return 0
+
+
+async def _listing(config: Config) -> list[Repository]:
+    """The repositories with the rules' verdicts and, under signature rules, each tag's."""
+    rules = Rules(config)
+    storage = Storage(config)
+    try:
+        try:  # the server's key loading: a bad key file stops `ls` as it stops `serve`
+            verdicts = SignatureVerdicts(config, storage)
+        except ConfigError as error:
+            raise CommandError(f"config error: {error}") from None
+        found = await repositories(config, storage, Lookup(storage))
+        for repository in found:
+            repository.judge(rules)
+            await repository.judge_signatures(verdicts)
+        return found
+    finally:
+        await storage.close()
 
 
 def du(config: Config, as_json: bool) -> int:

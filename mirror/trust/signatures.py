@@ -262,13 +262,14 @@ class Signatures:
                      detail={"rule": rule.label, "name": route.name, "reference": reference,
                              "digest": digest, "verdict": verdict.status})
 
+    def signers(self, rule: SignatureRule) -> tuple[tuple[Key, ...], Keyless | None]:
+        """The keys and keyless verifier `rule` checks against (`mirror ls` reuses them)."""
+        return self._keys[rule.index], self._keyless[rule.index]
+
     def _is_artifact(self, reference: str, manifest: Manifest) -> bool:
         """Whether the request is for a signature artifact, which no rule judges."""
-        tag = SIGNATURE_TAG.fullmatch(reference) if reference.startswith("sha256-") else None
-        if manifest.body is None:
-            return tag is not None  # a HEAD by tag: its digest's GET is judged by content
-        if tag is not None and tag.group(1) is None and manifest.media_type in LIST_TYPES:
-            return True  # the referrers tag schema's index; its entries are judged by content
+        if manifest.body is None or reference.startswith("sha256-"):
+            return is_artifact(reference, manifest.media_type, manifest.body)
         # Parsed once per digest: a warm GET costs a dictionary lookup, not a JSON parse.
         found = self._contents.get(manifest.digest)
         if found is None:
@@ -340,6 +341,17 @@ class ProxyFetch:
         except ManifestUnknown:  # no referrers API (Distribution 2.8): the tag schema
             return None
         return answer.body
+
+
+def is_artifact(reference: str, media_type: str, body: bytes | None) -> bool:
+    """Whether a manifest asked for by `reference` is a signature artifact, which no rule
+    judges (`body` None: a HEAD by tag, known by name only)."""
+    tag = SIGNATURE_TAG.fullmatch(reference) if reference.startswith("sha256-") else None
+    if body is None:
+        return tag is not None  # a HEAD by tag: its digest's GET is judged by content
+    if tag is not None and tag.group(1) is None and media_type in LIST_TYPES:
+        return True  # the referrers tag schema's index; its entries are judged by content
+    return _holds_no_image(body)
 
 
 def _holds_no_image(body: bytes) -> bool:
