@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestServer
 from mirror import config as cfg
 from mirror.app import make_app, ssl_context
 from mirror.keys import PROXY
-from tests.support.containerd import logged_app
+from tests.support.containerd import Containerd, logged_app
 
 pytest_plugins = ["tests.support.fixtures", "tests.support.redis", "tests.support.seaweed",
                   "tests.support.cluster"]
@@ -82,6 +82,16 @@ async def start_mirror(tmp_path, upstream, aiohttp_server):
         return Mirror(f"{'https' if tls else 'http'}://{host}", host, config, server)
 
     return start
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory):
+    """A private containerd (tests/support/containerd.py), one per test module."""
+    daemon = Containerd(tmp_path_factory.mktemp("containerd")).start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 @pytest.fixture

@@ -17,17 +17,8 @@ import pytest
 from mirror import config as cfg
 from mirror.ops.certs import make_ca_and_server_cert
 from tests.conftest import fetched, mirror_config
-from tests.support.containerd import Containerd, logged_app, write_hosts
+from tests.support.containerd import logged_app, write_hosts
 from tests.support.registry import free_port
-
-
-@pytest.fixture(scope="module")
-def containerd(tmp_path_factory):
-    daemon = Containerd(tmp_path_factory.mktemp("containerd")).start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture

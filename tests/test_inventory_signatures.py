@@ -16,13 +16,12 @@ from mirror import config as cfg
 from mirror.ops.inventory import _listing
 from tests.commands import run, write_config
 from tests.support import cosign
-from tests.support import images as imagelib
 from tests.test_signatures import (
     ACCEPT_ALL,
     enforcing,
     key_file,
-    publish,
     signed_image,
+    signed_index,
     unique,
 )
 
@@ -179,13 +178,7 @@ async def test_a_signed_multi_arch_index_shows_signed(
         start_mirror, upstream, http, tmp_path):
     signer = cosign.signer("ecdsa")
     name = unique()
-    children = [imagelib.build_image(name, [], [{"arch": arch.encode()}], oci=True,
-                                     arch=arch, label=arch) for arch in ("amd64", "arm64")]
-    index = imagelib.push(upstream.registry, upstream.tokens,
-                          imagelib.build_index(name, ["1"], children))
-    artifacts = cosign.Registry(referrers_api=False)
-    artifacts.sign(name, index.digest, [signer])
-    publish(upstream, artifacts)
+    index, children = signed_index(upstream, name, signer)
     (tmp_path / "served").mkdir()
     mirror = await enforcing(start_mirror, tmp_path / "served", signer, mode="warn")
     async with http.get(f"{mirror.url}/v2/{name}/manifests/1", headers=ACCEPT_ALL) as r:

@@ -24,7 +24,6 @@ from mirror.storage.redis_metadata import MetadataLost, MetadataUnavailable, Red
 from mirror.storage.sqlite import SqliteMetadata
 from tests.support.registry import free_port
 
-
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LATER = 2e9  # a cutoff after every clock a test sets: nothing is "used since"

@@ -20,7 +20,7 @@ from mirror import config as cfg
 from mirror.trust.rules import Rules
 from tests.commands import run, write_config
 from tests.conftest import sha256, skopeo_copy
-from tests.support.containerd import Containerd, write_hosts
+from tests.support.containerd import write_hosts
 from tests.support.registry import free_port
 
 HUB = "docker.io"
@@ -218,15 +218,6 @@ async def test_skopeo_denied_pull_prints_the_rule_and_the_upstream_sees_nothing(
     got = await skopeo_copy(f"{mirror.host}/library/alpine:3.19", tmp_path / "ok")
     assert got["manifest"] == alpine.manifest
     assert got["blobs"] == alpine.blobs
-
-
-@pytest.fixture(scope="module")
-def containerd(tmp_path_factory):
-    daemon = Containerd(tmp_path_factory.mktemp("containerd")).start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 async def test_ctr_denied_pull_fails_clearly_and_the_upstream_sees_nothing(

@@ -22,7 +22,7 @@ from mirror.media import references
 from tests.conftest import fetched, sha256
 from tests.support import cosign
 from tests.support import images as imagelib
-from tests.support.containerd import Containerd, write_hosts
+from tests.support.containerd import write_hosts
 from tests.support.registry import free_port
 
 HUB = "docker.io"
@@ -69,6 +69,19 @@ def signed_image(upstream, name: str, signer: cosign.Signer | None, tag: str = "
                        payload=cosign.simple_signing_payload(payload_digest or image.digest))
         publish(upstream, artifacts)
     return image
+
+
+def signed_index(upstream, name: str, signer: cosign.Signer
+                 ) -> tuple[imagelib.Image, list[imagelib.Image]]:
+    """A two-platform index tagged 1, signed by `signer` (its children are not signed)."""
+    children = [imagelib.build_image(name, [], [{"arch": arch.encode()}], oci=True,
+                                     arch=arch, label=arch) for arch in ("amd64", "arm64")]
+    index = imagelib.push(upstream.registry, upstream.tokens,
+                          imagelib.build_index(name, ["1"], children))
+    artifacts = cosign.Registry(referrers_api=False)
+    artifacts.sign(name, index.digest, [signer])
+    publish(upstream, artifacts)
+    return index, children
 
 
 async def enforcing(start_mirror, tmp_path, signer, mode: str = "enforce", **overrides):
@@ -318,13 +331,7 @@ async def test_a_moved_tag_is_checked_again(start_mirror, upstream, http, tmp_pa
 async def test_a_signed_index_admits_its_children(start_mirror, upstream, http, tmp_path):
     signer = cosign.signer("ecdsa")
     name = unique()
-    children = [imagelib.build_image(name, [], [{"arch": arch.encode()}], oci=True,
-                                     arch=arch, label=arch) for arch in ("amd64", "arm64")]
-    index = imagelib.push(upstream.registry, upstream.tokens,
-                          imagelib.build_index(name, ["1"], children))
-    artifacts = cosign.Registry(referrers_api=False)
-    artifacts.sign(name, index.digest, [signer])
-    publish(upstream, artifacts)
+    index, children = signed_index(upstream, name, signer)
     unsigned = unique()
     lone = imagelib.push(upstream.registry, upstream.tokens, imagelib.build_image(
         unsigned, ["1"], [{"arch": b"lone"}], oci=True))
@@ -505,26 +512,11 @@ async def test_signatures_that_cannot_be_fetched_are_no_verdict(
            'verdict="signed"} 1.0' in text
 
 
-@pytest.fixture(scope="module")
-def containerd(tmp_path_factory):
-    daemon = Containerd(tmp_path_factory.mktemp("containerd")).start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-
-
 async def test_ctr_pulls_a_signed_index_and_is_refused_an_unsigned_image(
         start_mirror, upstream, containerd, tmp_path):
     signer = cosign.signer("ecdsa")
     name = unique()
-    children = [imagelib.build_image(name, [], [{"arch": arch.encode()}], oci=True,
-                                     arch=arch, label=arch) for arch in ("amd64", "arm64")]
-    index = imagelib.push(upstream.registry, upstream.tokens,
-                          imagelib.build_index(name, ["1"], children))
-    artifacts = cosign.Registry(referrers_api=False)
-    artifacts.sign(name, index.digest, [signer])
-    publish(upstream, artifacts)
+    index, children = signed_index(upstream, name, signer)
     unsigned = unique()
     lone = signed_image(upstream, unsigned, None)
     mirror = await enforcing(start_mirror, tmp_path, signer)
