@@ -163,7 +163,8 @@ class Tokens:
 
 
 # A Host header that can stand in a URL: a DNS name or IPv4 address, or [IPv6], and a port.
-HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+HOST = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])"
+                  r"(?::[0-9]{1,5})?")
 
 
 def realm(scheme: str, host: str, forwarded_proto: str | None, forwarded_host: str | None,

@@ -28,7 +28,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
 from typing import TYPE_CHECKING, Awaitable
 
 from ..errors import storage_error

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-
 from typing import TYPE_CHECKING
 
 from ..media import references
