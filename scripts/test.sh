@@ -23,6 +23,8 @@ command -v openssl >/dev/null || need+=(openssl)  # reference hashes for the htp
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v dockerd >/dev/null || need+=(docker.io)  # a real Docker engine pulls and pushes
 command -v podman >/dev/null || need+=(podman)
+command -v systemd-analyze >/dev/null || need+=(systemd)  # checks deploy/systemd's unit
+ldconfig -p | grep -q libseccomp.so.2 || need+=(libseccomp2)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   echo "==> installing Debian packages: ${need[*]}"

@@ -30,6 +30,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
+from tests.support import missing
 from tests.test_serve import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,13 @@ ANALYZE = shutil.which("systemd-analyze")
 MANIFEST_TYPES = ("application/vnd.docker.distribution.manifest.v2+json, "
                   "application/vnd.oci.image.manifest.v1+json")
 
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+
+
+@pytest.fixture
+def needs_analyze():
+    if ANALYZE is None:
+        missing("systemd-analyze is not installed")
+
 
 
 def service_settings(text: str) -> dict[str, list[str]]:
@@ -68,14 +75,14 @@ def installed_copy(tmp_path: Path) -> Path:
     return copy
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 def test_unit_verifies_without_a_single_warning(tmp_path):
     done = subprocess.run([ANALYZE, "verify", "--man=no", str(installed_copy(tmp_path))],
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 def test_verify_would_catch_a_typo_and_a_missing_binary(tmp_path):
     """The test above can fail: verify prints what is wrong with a unit like this one."""
     typo = tmp_path / "typo.service"
@@ -90,13 +97,13 @@ def test_verify_would_catch_a_typo_and_a_missing_binary(tmp_path):
     assert done.returncode != 0 and f"Command {SHIPPED_BINARY} is not executable" in done.stderr
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 def test_unit_exposure_is_low_by_systemd_analyze_security(tmp_path):
     done = subprocess.run([ANALYZE, "security", "--offline=true", "--threshold=20",
                            str(installed_copy(tmp_path))], capture_output=True, text=True,
                           timeout=60)
     if "--offline" in done.stderr and "unrecognized" in done.stderr:
-        pytest.skip("this systemd-analyze has no --offline")
+        missing("this systemd-analyze has no --offline")
     found = re.search(r"Overall exposure level for mirror\.service: (\d+\.\d+) (\w+)",
                       done.stdout)
     assert found, done.stdout + done.stderr
@@ -186,12 +193,12 @@ def mdwe_supported() -> bool:
     return "prctl" not in probe.stderr and "PermissionError" in probe.stderr
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 def test_unit_command_serves_pulls_and_logins_under_its_hardening(tmp_path, upstream):
     if sys.platform != "linux" or not mdwe_supported():
-        pytest.skip("the kernel has no PR_SET_MDWE")
+        missing("the kernel has no PR_SET_MDWE")
     if not libseccomp_available():
-        pytest.skip("libseccomp is not installed")
+        missing("libseccomp is not installed")
     settings = service_settings(UNIT.read_text())
     allowed = unit_syscalls(settings)
     assert "sendfile" in allowed and "setrlimit" not in allowed  # @resources is denied

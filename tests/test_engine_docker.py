@@ -34,10 +34,16 @@ import pytest
 from mirror import config as cfg
 from mirror.app import make_app, ssl_context
 from tests.conftest import fetched, mirror_config, sha256
+from tests.support import missing
 from tests.support.dockerd import Dockerd, RecordingProxy, trusted_ca, unavailable
 from tests.support.images import DOCKER_MANIFEST
 
-pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
+
+@pytest.fixture(autouse=True)
+def _engine_here():
+    if (reason := unavailable()) is not None:
+        missing(reason)
+
 
 REPO = Path(__file__).resolve().parents[1]
 HUB = "registry-1.docker.io:443"
@@ -351,7 +357,7 @@ async def test_docker_verifies_the_ca_in_certs_d_for_a_mirror_on_ipv6_loopback(
     as any mirror error and goes to Docker Hub; with the CA from `mirror tls init` the pull
     comes from the mirror."""
     if not ipv6_loopback():
-        pytest.skip("no ::1 on this machine's loopback interface")
+        missing("no ::1 on this machine's loopback interface")
     alpine = upstream.images["library/alpine"]
     ca, cert, key = tls_init(tmp_path / "tls", "::1")
     wrong_ca = tls_init(tmp_path / "other-ca", "::1")[0]

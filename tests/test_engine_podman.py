@@ -21,6 +21,7 @@ import pytest
 from mirror import config as cfg
 from mirror.api.htpasswd import add_user
 from tests.conftest import sha256
+from tests.support import missing
 from tests.support.images import Image, MiB, random_bytes, small_image
 from tests.support.podman import Podman, registries_conf_from_docs, unavailable
 from tests.support.registry import free_port
@@ -34,7 +35,7 @@ def podman(tmp_path):
     """podman(host) → a Podman of its own (a fresh node) whose mirror is at `host`."""
     reason = unavailable()
     if reason:
-        pytest.skip(reason)
+        missing(reason)
     made: list[Podman] = []
 
     def make(host: str) -> Podman:
