@@ -5,9 +5,12 @@ chunk is written to a spool file and hashed, and `written` grows. Any number of 
 the client that started the fill and every client that comes later — read the spool file
 from their own offset with their own file descriptor, waiting only for bytes that do not
 exist yet; so time to first byte stays close to the upstream's and the upstream is read
-once. The blob is committed (fsync, then atomic rename into the BlobStore) only when its
-size and digest check out, and the last byte of the blob reaches readers only after the
-digest checked out.
+once. An upstream's plain-HTTP body framed by Content-Length is read on the fill's own
+thread, socket to spool and hash without the GIL (`_pump`, upstream/raw_body.py); TLS,
+chunked, peer and object-store bodies are read by aiohttp on the loop with the write and
+hash on a worker thread (`_read_chunks`). The blob is committed (fsync, then atomic rename
+into the BlobStore) only when its size and digest check out, and the last byte of the blob
+reaches readers only after the digest checked out.
 
 A fill is shared by digest, but every client that joins it brings its own route (the
 upstream and repository it asked through) as a `Source`. The fill reads from the first
@@ -44,6 +47,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -64,10 +68,14 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from ..storage.blobs import BlobStore, pwrite_all
+from ..upstream.raw_body import RawBody
 
 log = logging.getLogger("mirror")
 
 READ_CHUNK = 1 << 20
+# What the pump thread reads, writes and hashes at a time, and so how often the loop wakes:
+# one call per MiB is ~500 wake-ups for a 512 MiB layer, and 1 MiB of lag for the readers.
+PUMP_CHUNK = 1 << 20
 # With the disk full, at most this much of all blobs being filled waits in memory for
 # their readers, over every fill at once.
 OVERFLOW_LIMIT = 256 << 20
@@ -265,30 +273,104 @@ class Fill:
                          resume_at, source.route,
                          "honoured the Range" if body.start == resume_at else "sent it all")
             skip = resume_at - body.start  # bytes we have, sent again by an upstream without Range
-            # Each chunk is written and hashed on a thread (both release the GIL) while the
-            # next one is read from the network: the second core does the disk and sha256
-            # work, and the event loop stays free for the readers.
-            storing = None
-            try:
-                async for chunk in body.chunks():
-                    if skip > 0:
-                        chunk, skip = chunk[skip:], skip - min(skip, len(chunk))
-                        if not chunk:
-                            continue
-                    if storing is not None:
-                        self._advance(*await storing)
-                    if reserving is not None:
-                        await reserving
-                        reserving = None
-                    storing = loop.run_in_executor(None, self._store, chunk)
-            finally:
-                # Also on failure: the hash state must cover exactly `written` bytes.
+            detach = getattr(body, "detach", None)  # upstream bodies; not S3's or a peer's
+            raw = detach() if detach is not None and skip == 0 else None
+            if raw is not None:
+                await self._pump(raw, reserving)
+            else:
+                await self._read_chunks(body, skip, reserving)
+        if self.size is not None and self.written != self.size:
+            raise BodyBroken(f"upstream sent {self.written} of {self.size} bytes of {self.digest}")
+
+    async def _read_chunks(self, body: Body, skip: int, reserving: asyncio.Future | None) -> None:
+        """The loop path: aiohttp reads the body; each chunk is written and hashed on a
+        thread (both release the GIL) while the next one is read."""
+        loop = asyncio.get_running_loop()
+        storing = None
+        try:
+            async for chunk in body.chunks():
+                if skip > 0:
+                    chunk, skip = chunk[skip:], skip - min(skip, len(chunk))
+                    if not chunk:
+                        continue
                 if storing is not None:
                     self._advance(*await storing)
                 if reserving is not None:
                     await reserving
-        if self.size is not None and self.written != self.size:
-            raise BodyBroken(f"upstream sent {self.written} of {self.size} bytes of {self.digest}")
+                    reserving = None
+                storing = loop.run_in_executor(None, self._store, chunk)
+        finally:
+            # Also on failure: the hash state must cover exactly `written` bytes.
+            if storing is not None:
+                self._advance(*await storing)
+            if reserving is not None:
+                await reserving
+
+    async def _pump(self, raw: RawBody, reserving: asyncio.Future | None) -> None:
+        """The thread path (upstream/raw_body.py): one worker thread reads the socket into a
+        reused buffer, writes each MiB to the spool and hashes it, all without the GIL, and
+        tells the loop with one call per MiB; the loop only counts and wakes the readers.
+
+        The loop keeps `written`, `on_disk` and the overflow as before (`_advance`), in the
+        order the thread sent them. Stopping (cancel, or `_advance` refusing: disk full with
+        nobody reading) shuts the socket down to wake the thread, and waits for it: it must
+        not write to a spool descriptor run() is about to close."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        refused: list[RegistryError] = []
+
+        def advance(count: int, kept: bytes | None) -> None:
+            if refused:
+                return
+            try:
+                self._advance(count, kept)
+            except RegistryError as e:
+                refused.append(e)
+                stop.set()
+                raw.abort()
+
+        try:
+            if reserving is not None:
+                await reserving  # no write may overlap the fallocate (see _stream)
+            pumping = _on_own_thread(f"fill {self.digest[:19]}", self._pump_on_thread, raw,
+                                     lambda *a: loop.call_soon_threadsafe(advance, *a), stop)
+            try:
+                await asyncio.shield(pumping)
+            except asyncio.CancelledError:
+                stop.set()
+                raw.abort()
+                with contextlib.suppress(Exception):
+                    await pumping
+                raise
+            except BodyBroken:
+                if not refused:
+                    raise
+            if refused:
+                raise refused[0]
+        finally:
+            raw.close()
+
+    def _pump_on_thread(self, raw: RawBody, advance: Callable[[int, bytes | None], None],
+                        stop: threading.Event) -> None:
+        """On the fill's worker thread: the body from the socket to the spool and the hash.
+
+        `written` and `on_disk` belong to the loop; the thread keeps its own offset and
+        whether the disk still takes bytes. Nothing of a chunk is handed over before it was
+        written and hashed, so a break leaves the hash over exactly the advanced bytes."""
+        at, to_disk = self.written, self.on_disk == self.written
+        buffer = memoryview(bytearray(PUMP_CHUNK))
+        pending = memoryview(raw.head)
+        while not stop.is_set():
+            if pending:
+                data, pending = pending[:PUMP_CHUNK], pending[PUMP_CHUNK:]
+            elif raw.remaining:
+                data = buffer[:raw.read_into(buffer)]
+            else:
+                return
+            to_disk = to_disk and self._spool(data, at)
+            self._hasher.update(data)
+            at += len(data)
+            advance(len(data), None if to_disk else bytes(data))
 
     async def _verify_and_commit(self) -> None:
         if f"{self.digest.partition(':')[0]}:{self._hasher.hexdigest()}" != self.digest:
@@ -326,41 +408,45 @@ class Fill:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self.on_disk)  # give back what a failed call reserved
 
-    def _store(self, chunk: bytes) -> tuple[bytes, bool]:
-        """On a worker thread: write a chunk to the spool and hash it; whether it was stored.
+    def _store(self, chunk: bytes) -> tuple[int, bytes | None]:
+        """On a worker thread: write a chunk to the spool and hash it; `_advance`'s arguments.
 
         Runs while the event loop waits for it, one chunk at a time, so `on_disk` and
         `written` do not change under it.
         """
-        stored = False
-        if self.on_disk == self.written:  # still spooling to disk
-            try:
-                pwrite_all(self._fd, chunk, self.on_disk)
-                stored = True
-            except OSError as e:
-                # Disk full (or failing): the readers still get their bytes, from memory.
-                log.error("cannot spool %s at byte %d: %s; keeping the rest in memory and "
-                          "storing nothing", self.digest, self.on_disk, e.strerror)
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self.on_disk)  # no half-written chunk on disk
+        stored = self.on_disk == self.written and self._spool(chunk, self.on_disk)
         self._hasher.update(chunk)
-        return chunk, stored
+        return len(chunk), None if stored else chunk
 
-    def _advance(self, chunk: bytes, stored: bool) -> None:
-        """On the event loop: count a stored chunk (or keep it in memory) and wake readers."""
-        if stored:
-            self.on_disk += len(chunk)
+    def _spool(self, data: bytes | memoryview, at: int) -> bool:
+        """On a worker thread: write `data` at `at`; False when the disk refused it. Then
+        (disk full, or failing) the readers still get their bytes, from memory."""
+        try:
+            pwrite_all(self._fd, data, at)
+            return True
+        except OSError as e:
+            log.error("cannot spool %s at byte %d: %s; keeping the rest in memory and "
+                      "storing nothing", self.digest, at, e.strerror)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, at)  # no half-written chunk on disk
+            return False
+
+    def _advance(self, count: int, kept: bytes | None) -> None:
+        """On the event loop: count `count` more bytes, stored in the spool (`kept` None) or
+        kept in memory for the readers because the disk is full; wake the readers."""
+        if kept is None:
+            self.on_disk += count
         else:
             if self._readers == 0:
                 raise StorageFull(f"the disk is full and nobody reads {self.digest} any more: "
                                   "stopping its download, nothing of it could be stored")
-            if not self._budget.take(len(chunk)):
+            if not self._budget.take(count):
                 raise StorageFull(
                     f"the disk is full and the fills waiting for it already hold "
                     f"{self._budget.used} bytes in memory (at most {self._budget.limit}): "
                     f"stopping {self.digest}")
-            self._overflow += chunk
-        self.written += len(chunk)
+            self._overflow += kept
+        self.written += count
         self._wake()
 
     def _drop_overflow(self) -> None:
@@ -428,3 +514,32 @@ class Fill:
         """Bytes past the spool's end, kept in memory because the disk was full."""
         at = offset - self.on_disk
         return bytes(self._overflow[at:at + min(count, READ_CHUNK)])
+
+
+def _on_own_thread(name: str, work: Callable[..., None], *args: Any) -> asyncio.Future:
+    """Run `work` on a thread of its own; a future of the loop for its end.
+
+    Not a pool: a pump lives as long as its body, and a pool's size would cap how many
+    fills stream at once below limits.upstream_bodies. Its end is posted after every
+    callback `work` posted (call_soon_threadsafe keeps their order), so the awaiting fill
+    sees all of them applied."""
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not ended.done():
+            if error is None:
+                ended.set_result(None)
+            else:
+                ended.set_exception(error)
+
+    def run() -> None:
+        try:
+            work(*args)
+        except BaseException as e:  # handed to the awaiting fill, whatever it is
+            loop.call_soon_threadsafe(settle, e)
+        else:
+            loop.call_soon_threadsafe(settle, None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return ended

@@ -38,6 +38,7 @@ from ..storage.memory import Memory
 from .auth import Authenticator, parse_challenges
 from .destinations import Destinations, same_origin
 from .missing import error_code, refused, unknown
+from .raw_body import RawBody, detach
 from .slots import Held, Shared, retry_after, take
 
 log = logging.getLogger("mirror")
@@ -56,6 +57,11 @@ class Body:
     size: int | None
     response: aiohttp.ClientResponse
     counts: UpstreamCounts  # its upstream's series
+    stall_timeout: float  # limits.stall_timeout: the longest wait for a byte
+
+    def detach(self) -> RawBody | None:
+        """The rest of the body to read on a thread, when it is plain HTTP (raw_body.py)."""
+        return detach(self.response, self.counts, self.stall_timeout)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -91,6 +97,7 @@ class Upstream:
         self._small = aiohttp.ClientTimeout(total=limits.request_timeout,
                                             connect=limits.connect_timeout)
         # A body gets no total limit: only a watchdog on progress between reads.
+        self._stall_timeout = limits.stall_timeout
         self._stream = aiohttp.ClientTimeout(total=None, connect=limits.connect_timeout,
                                              sock_connect=limits.connect_timeout,
                                              sock_read=limits.stall_timeout)
@@ -179,9 +186,9 @@ class Upstream:
                                   [], True, headers, deadline, Held()) as resp:
                 if resp.status == 206:
                     first, total = _content_range(resp.headers.get("Content-Range", ""))
-                    yield Body(first, total, resp, self.counts)
+                    yield Body(first, total, resp, self.counts, self._stall_timeout)
                 else:
-                    yield Body(0, resp.content_length, resp, self.counts)
+                    yield Body(0, resp.content_length, resp, self.counts, self._stall_timeout)
         finally:
             self._shared.bodies.release()
 
