@@ -1,5 +1,5 @@
 """The cold-fill thread path (upstream/raw_body.py, Fill._pump): which bodies leave aiohttp for
-a worker thread, that the bytes read there are exactly the upstream's, that a break returns
+a worker thread (plain HTTP and TLS), that the bytes read there are exactly the upstream's, that a break returns
 the good bytes before it and then says why, and that a stopped fill leaves no thread behind.
 
 The servers here are real sockets on loopback: a plain aiohttp server, the same over TLS with
@@ -9,7 +9,6 @@ mid-body, as real upstreams and CDNs do."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import ssl
 import threading
@@ -126,15 +125,42 @@ async def test_chunked_or_encoded_bodies_stay_with_aiohttp(origin, session, kind
         assert await response.read() == BODY  # nothing was taken from it
 
 
-async def test_tls_bodies_stay_with_aiohttp(aiohttp_server, tmp_path, session):
+@pytest.fixture
+async def tls_origin(aiohttp_server, tmp_path):
+    """Origin over TLS with a CA of ops/certs.py; (its URL, a client context trusting it)."""
     ca, cert, key = make_ca_and_server_cert(tmp_path, ["127.0.0.1"])
     served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     served.load_cert_chain(cert, key)
-    server = await aiohttp_server(Origin().app(), ssl=served)
-    trusted = ssl.create_default_context(cafile=str(ca))
-    async with session.get(f"https://127.0.0.1:{server.port}/plain", ssl=trusted) as response:
-        assert detach(response, counts(), 5.0) is None
-        assert hashlib.sha256(await response.read()).digest() == hashlib.sha256(BODY).digest()
+    fake = Origin()
+    server = await aiohttp_server(fake.app(), ssl=served)
+    yield f"https://127.0.0.1:{server.port}", ssl.create_default_context(cafile=str(ca))
+    fake.release.set()
+
+
+async def test_tls_bodies_are_read_on_the_thread_in_the_connections_own_session(
+        tls_origin, session):
+    url, trusted = tls_origin
+    series = counts()
+    for _ in range(2):  # the first response of a connection, and one after a fresh handshake
+        async with session.get(f"{url}/plain", ssl=trusted) as response:
+            raw = detach(response, series, 5.0)
+            assert raw is not None and raw.tls is not None
+            assert await read_all(raw) == BODY
+    assert series.bytes._value.get() == 2 * len(BODY)
+
+
+async def test_a_tls_body_closed_early_returns_its_good_bytes_then_breaks(tls_origin, session):
+    url, trusted = tls_origin
+    async with session.get(f"{url}/short", ssl=trusted) as response:
+        raw = detach(response, counts(), 5.0)
+        assert raw is not None and raw.tls is not None
+        got = bytearray(raw.head)
+        buffer = memoryview(bytearray(4 * MiB))
+        with pytest.raises(BodyBroken, match="upstream body broke off"):
+            while True:
+                got += buffer[:await asyncio.to_thread(raw.read_into, buffer)]
+        raw.close()
+    assert bytes(got) == BODY[:MiB]
 
 
 async def test_a_body_closed_early_returns_its_good_bytes_then_says_how_many_are_missing(

@@ -313,10 +313,9 @@ class Fill:
 
         The loop keeps `written`, `on_disk` and the overflow as before (`_advance`), in the
         order the thread sent them. Stopping (cancel, or `_advance` refusing: disk full with
-        nobody reading) shuts the socket down to wake the thread, and waits for it: it must
-        not write to a spool descriptor run() is about to close."""
+        nobody reading) tells the thread, which ends within raw_body.TICK, and waits for
+        it: it must not write to a spool descriptor run() is about to close."""
         loop = asyncio.get_running_loop()
-        stop = threading.Event()
         refused: list[RegistryError] = []
 
         def advance(count: int, kept: bytes | None) -> None:
@@ -326,33 +325,28 @@ class Fill:
                 self._advance(count, kept)
             except RegistryError as e:
                 refused.append(e)
-                stop.set()
-                raw.abort()
+                raw.stop()
 
         try:
             if reserving is not None:
                 await reserving  # no write may overlap the fallocate (see _stream)
             pumping = _on_own_thread(f"fill {self.digest[:19]}", self._pump_on_thread, raw,
-                                     lambda *a: loop.call_soon_threadsafe(advance, *a), stop)
+                                     lambda *a: loop.call_soon_threadsafe(advance, *a))
             try:
                 await asyncio.shield(pumping)
             except asyncio.CancelledError:
-                stop.set()
-                raw.abort()
+                raw.stop()
                 with contextlib.suppress(Exception):
                     await pumping
                 raise
-            except BodyBroken:
-                if not refused:
-                    raise
             if refused:
                 raise refused[0]
         finally:
             raw.close()
 
-    def _pump_on_thread(self, raw: RawBody, advance: Callable[[int, bytes | None], None],
-                        stop: threading.Event) -> None:
-        """On the fill's worker thread: the body from the socket to the spool and the hash.
+    def _pump_on_thread(self, raw: RawBody,
+                        advance: Callable[[int, bytes | None], None]) -> None:
+        """On the fill's own thread: the body from the socket to the spool and the hash.
 
         `written` and `on_disk` belong to the loop; the thread keeps its own offset and
         whether the disk still takes bytes. Nothing of a chunk is handed over before it was
@@ -360,13 +354,15 @@ class Fill:
         at, to_disk = self.written, self.on_disk == self.written
         buffer = memoryview(bytearray(PUMP_CHUNK))
         pending = memoryview(raw.head)
-        while not stop.is_set():
+        while not raw.stopping.is_set():
             if pending:
                 data, pending = pending[:PUMP_CHUNK], pending[PUMP_CHUNK:]
             elif raw.remaining:
                 data = buffer[:raw.read_into(buffer)]
             else:
                 return
+            if not data:
+                continue  # stopping
             to_disk = to_disk and self._spool(data, at)
             self._hasher.update(data)
             at += len(data)
@@ -473,6 +469,10 @@ class Fill:
             log.debug("fill of %s: %s", self.digest, error.message)
             return
         self.metrics.fills_failed.inc()
+        if self._started_ok():  # its responses end short after a 200: the status page says why
+            upstream, _, name = self.sources[0].route.partition("/")
+            self.metrics.events.failed(200, upstream, name, self.digest,
+                                       f"the blob's responses ended short: {error.message}")
         # Before the headers every waiting request gets the error as its response (and the
         # error middleware logs it per request); after them, this is the one line saying
         # why those responses end short.
