@@ -62,6 +62,7 @@ from run import (  # noqa: E402  bench/run.py: the same servers, client and upst
     quiesce,
     run_curls,
     seed,
+    start_tls_front,
 )
 
 from tests.support.stack import Upstream  # noqa: E402
@@ -611,6 +612,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15, help="functions listed per table")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                     help="also time the mirror run from DIR (a patched copy), as NAME")
+    ap.add_argument("--tls", action="store_true",
+                    help="the caches fetch over HTTPS, through nginx terminating TLS in front "
+                    "of the upstream registry (as from every public registry)")
     ap.add_argument("--source", type=Path, default=REPO,
                     help="run the mirror from this tree (e.g. a patched copy for an experiment)")
     args = ap.parse_args()
@@ -622,6 +626,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mirror-profile-"))
     upstream = Upstream(work / "upstream")
     servers: list[Server] = []
+    front: Child | None = None
     report: list[str] = []
     started = time.monotonic()
     try:
@@ -631,19 +636,27 @@ def main() -> None:
         size = seeded.layer_size
         log = UpstreamLog(upstream.registry.log_path)
         UPSTREAM_PID[:] = [upstream.registry._proc.pid]
-        servers = [SourceServer(MIRROR, work / "mirror", upstream.registry_url,
+        upstream_url = upstream.registry_url
+        if args.tls:
+            front, upstream_url, ca = start_tls_front(work / "tls", upstream.registry_url)
+        servers = [SourceServer(MIRROR, work / "mirror", upstream_url,
                                 source=args.source.resolve()),
-                   Server(DIST, work / "distribution", upstream.registry_url)]
+                   Server(DIST, work / "distribution", upstream_url)]
         for s in servers:
             s.work.mkdir()
         token = upstream.tokens.mint(None, [f"repository:{BIG}:pull"])
         direct = curl_speed(f"{upstream.registry_url}/v2/{BIG}/blobs/{seeded.layer}", token)
         print(f"the upstream registry alone: {direct:.0f} MiB/s", flush=True)
+        if args.tls:
+            direct = curl_speed(f"{upstream_url}/v2/{BIG}/blobs/{seeded.layer}", token, ca)
+            print(f"through the TLS front: {direct:.0f} MiB/s", flush=True)
         stamp = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
         report.append(f"### {stamp} — {machine()}\n\n`bench/profile_cold.py`: one cold pull "
                       f"(curl: manifest by tag, then the layer) of a {size / MiB:.0f} MiB "
                       f"layer ({size} bytes), each cache restarted on empty storage; "
-                      f"upstream: the tests' Distribution with token auth, fetched directly; "
+                      f"upstream: the tests' Distribution with token auth, fetched "
+                      + ("over HTTPS through nginx terminating TLS in front of it; "
+                         if args.tls else "directly; ") +
                       f"one curl GET of the layer straight from it: {direct:.0f} MiB/s "
                       f"({size / MiB / direct:.2f} s), best of two; mirror from "
                       f"`{args.source}`.")
@@ -654,7 +667,7 @@ def main() -> None:
             for variant in args.variant:
                 name, _, tree = variant.partition("=")
                 timed.append(SourceServer(f"{MIRROR}[{name}]", work / f"variant-{name}",
-                                          upstream.registry_url, source=Path(tree).resolve()))
+                                          upstream_url, source=Path(tree).resolve()))
                 timed[-1].work.mkdir()
             for r in range(args.rounds):
                 for server in timed if r % 2 == 0 else timed[::-1]:
@@ -686,6 +699,8 @@ def main() -> None:
     finally:
         for s in servers:
             s.stop()
+        if front is not None:
+            front.stop()
         upstream.stop()
         for big in [work / "upstream" / "registry" / "storage",
                     *(s.work / "storage" for s in servers)]:

@@ -45,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from mirror.ops.certs import make_ca_and_server_cert  # noqa: E402
 from tests.support import images  # noqa: E402  (needs the repo root on sys.path)
 from tests.support.registry import free_port  # noqa: E402
 from tests.support.stack import Upstream  # noqa: E402
@@ -197,6 +198,53 @@ http {{
     return child, f"{url}/blob"
 
 
+def start_tls_front(work: Path, backend: str) -> tuple[Child, str, Path]:
+    """nginx terminating TLS in front of `backend`, so that the caches fetch over HTTPS as
+    they do from every public registry: (its process, its https URL, the CA to trust). The
+    caller sets SSL_CERT_FILE to the CA before starting the caches (Python's and Go's TLS
+    both read it)."""
+    work.mkdir(parents=True)
+    ca, cert, key = make_ca_and_server_cert(work, ["127.0.0.1"])
+    port = free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(f"""\
+worker_processes 2;
+pid {work}/nginx.pid;
+error_log {work}/error.log;
+user root;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/body;
+  proxy_temp_path {work}/proxy;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{
+      proxy_pass {backend};
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      # Buffered in memory only, in large pieces: nginx's default 4-8 KiB pieces made it
+      # the bottleneck (~80 MiB/s), and it must cost both caches as little as it can.
+      proxy_buffering on;
+      proxy_buffer_size 64k;
+      proxy_buffers 16 1m;
+      proxy_busy_buffers_size 2m;
+      proxy_max_temp_file_size 0;
+    }}
+  }}
+}}
+""")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    url = f"https://127.0.0.1:{port}"
+    os.environ["SSL_CERT_FILE"] = str(ca)  # for the readiness check below
+    child = Child([nginx, "-e", str(work / "error.log"), "-c", str(conf), "-g", "daemon off;"],
+                  work / "server.log", f"{url}/v2/")
+    return child, url, ca
+
+
 # -- the upstream ----------------------------------------------------------------------
 
 
@@ -276,11 +324,12 @@ def quiesce(child: Child, log: UpstreamLog, timeout: float = 60) -> None:
             return
 
 
-def curl_speed(url: str, token: str) -> float:
-    """MiB/s of one GET of the blob at `url`, best of two."""
+def curl_speed(url: str, token: str, ca: Path | None = None) -> float:
+    """MiB/s of one GET of the blob at `url`, best of two (trusting `ca` for https)."""
     best = 0.0
     for _ in range(2):
         out = run(["curl", "-sS", "-o", "/dev/null", "-H", f"Authorization: Bearer {token}",
+                   *(["--cacert", str(ca)] if ca else []),
                    "-w", "%{speed_download}", url], timeout=120)
         best = max(best, float(out) / MiB)
     return best
@@ -397,6 +446,33 @@ def cold_pull(server: Server, seeded: Seeded, log: UpstreamLog, n: int, res: Res
     print(f"  cold N={n:<2} {server.name:<12} wall {wall:6.2f}s  ok {len(ok)}/{n}  "
           f"upstream GETs {gets}  bytes {written / seeded.layer_size:.2f}x  "
           f"RSS {rss:.0f} MiB  CPU {cpu:.1f}s", flush=True)
+
+
+def late_joiner(server: Server, seeded: Seeded, log: UpstreamLog, res: Results,
+                after: float = 0.3) -> None:
+    """A second client asking for the layer `after` seconds into a lone cold pull: its
+    TTFB (the mirror joins the running fill; Distribution starts a fetch of its own)."""
+    server.restart()
+    urls = (f"{server.url}/v2/{BIG}/manifests/latest",
+            f"{server.url}/v2/{BIG}/blobs/{seeded.layer}")
+    first = subprocess.Popen(curl(600, *urls), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    time.sleep(after)
+    _, [late] = run_curls([curl(600, urls[1])], timeout=600)
+    out, _ = first.communicate(timeout=600)
+    assert server.child is not None
+    quiesce(server.child, log)
+    server.stop()
+    log.settle()
+    firsts = [Transfer(int(s), int(float(n)), float(t))
+              for s, n, t in (line.split() for line in out.splitlines())]
+    complete = all(t.status == 200 for t in firsts) and late and late[0].status == 200 \
+        and late[0].size == seeded.layer_size
+    res.add("late.ttfb", server.name, late[0].ttfb * 1000 if late else float("nan"))
+    res.add("late.ok", server.name, 1 if complete else 0)
+    res.add("late.clients", server.name, 1)
+    print(f"  late joiner {server.name:<12} TTFB {res.values['late.ttfb'][server.name][-1]:.1f} "
+          f"ms  complete {complete}", flush=True)
 
 
 def prime(server: Server, seeded: Seeded, log: UpstreamLog) -> None:
@@ -522,8 +598,13 @@ def table(res: Results, clients: list[int]) -> str:
                     for s in (m, d)}
         row(f"cold N={n}: complete bodies", complete[m], complete[d], target="all",
             ok=res.total(f"{k}.ok", m) == res.total(f"{k}.clients", m))
-        row(f"cold N={n}: wall (s)", fmt(mw, 2), fmt(dw, 2), ratio(mw, dw),
-            target="< Distribution" if strict else "", ok=(mw < dw) if strict else None)
+        if strict:
+            row(f"cold N={n}: wall (s)", fmt(mw, 2), fmt(dw, 2), ratio(mw, dw),
+                target="< Distribution", ok=mw < dw)
+        else:
+            row(f"cold N={n}: wall (s)", fmt(mw, 2), fmt(dw, 2), ratio(mw, dw),
+                target="≤ 0.8× Distribution", ok=mw is not None and dw is not None
+                and mw <= 0.8 * dw)
         row(f"cold N={n}: blob TTFB median / max (ms)",
             *(f"{fmt(res.median(f'{k}.ttfb_med', s))} / {fmt(res.median(f'{k}.ttfb_max', s))}"
               for s in (m, d)),
@@ -538,9 +619,19 @@ def table(res: Results, clients: list[int]) -> str:
         row(f"cold N={n}: peak RSS (MiB)", fmt(mr), fmt(res.worst(f"{k}.rss", d)),
             ratio(mr, res.worst(f"{k}.rss", d)), target="≤ 80" if n == 32 else "",
             ok=(mr <= 80) if n == 32 else None)
-        row(f"cold N={n}: server CPU (s)", fmt(res.median(f"{k}.cpu", m), 1),
-            fmt(res.median(f"{k}.cpu", d), 1),
-            ratio(res.median(f"{k}.cpu", m), res.median(f"{k}.cpu", d)))
+        mc, dc = res.median(f"{k}.cpu", m), res.median(f"{k}.cpu", d)
+        row(f"cold N={n}: server CPU (s)", fmt(mc, 1), fmt(dc, 1), ratio(mc, dc),
+            target="" if strict else "≤ Distribution",
+            ok=None if strict else (mc is not None and dc is not None and mc <= dc))
+    if "late.ttfb" in res.values:
+        lt = res.median("late.ttfb", m)
+        complete = {s: f"{res.total('late.ok', s):.0f}/{res.total('late.clients', s):.0f}"
+                    for s in (m, d)}
+        row("late joiner (0.3 s into a lone cold pull): blob TTFB (ms), complete",
+            *(f"{fmt(res.median('late.ttfb', s))}, {complete[s]}" for s in (m, d)),
+            ratio(lt, res.median("late.ttfb", d)), target="< 50",
+            ok=lt is not None and lt < 50 and res.total("late.ok", m) == res.total(
+                "late.clients", m))
 
     for conns in (1, 16):
         k = f"warm{conns}"
@@ -548,8 +639,8 @@ def table(res: Results, clients: list[int]) -> str:
         bad = res.total(f"{k}.bad", m)
         row(f"warm blob GET, {conns} conn (MiB/s)" + (f", {bad:.0f} bad" if bad else ""),
             fmt(mv), fmt(dv), ratio(mv, dv), fmt(nv),
-            f"≥ 0.9× nginx ({ratio(mv, nv)})", mv is not None and nv is not None
-            and mv >= 0.9 * nv and not bad)
+            f"≥ 0.95× nginx ({ratio(mv, nv)})", mv is not None and nv is not None
+            and mv >= 0.95 * nv and not bad)
     mr = res.worst("warm16.rss", m)
     row("warm, 16 streams: peak RSS (MiB)", fmt(mr), fmt(res.worst("warm16.rss", d)),
         ratio(mr, res.worst("warm16.rss", d)), target="≤ 120", ok=mr is not None and mr <= 120)
@@ -652,6 +743,8 @@ def main() -> None:
             for n in clients:
                 for server in alternate(servers, r):
                     cold_pull(server, seeded, log, n, res)
+            for server in alternate(servers, r):
+                late_joiner(server, seeded, log, res)
 
         print("warm blobs", flush=True)
         for server in servers:
