@@ -174,28 +174,9 @@ def start_nginx(work: Path, blob: bytes) -> tuple[Child, str]:
     root.mkdir(parents=True)
     (root / "blob").write_bytes(blob)
     port = free_port()
-    conf = work / "nginx.conf"
-    conf.write_text(f"""\
-worker_processes 2;
-pid {work}/nginx.pid;
-error_log {work}/error.log;
-user root;
-events {{ worker_connections 1024; }}
-http {{
-  sendfile on;
-  access_log off;
-  default_type application/octet-stream;
-  client_body_temp_path {work}/body;
-  proxy_temp_path {work}/proxy;
-  server {{ listen 127.0.0.1:{port}; root {root}; }}
-}}
-""")
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     url = f"http://127.0.0.1:{port}"
-    # -e: nginx opens its compiled-in error log before reading the config; keep it here.
-    child = Child([nginx, "-e", str(work / "error.log"), "-c", str(conf), "-g", "daemon off;"],
-                  work / "server.log", f"{url}/blob")
-    return child, f"{url}/blob"
+    return _nginx(work, f"sendfile on;\n  server {{ listen 127.0.0.1:{port}; root {root}; }}",
+                  f"{url}/blob"), f"{url}/blob"
 
 
 def start_tls_front(work: Path, backend: str) -> tuple[Child, str, Path]:
@@ -206,6 +187,32 @@ def start_tls_front(work: Path, backend: str) -> tuple[Child, str, Path]:
     work.mkdir(parents=True)
     ca, cert, key = make_ca_and_server_cert(work, ["127.0.0.1"])
     port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    os.environ["SSL_CERT_FILE"] = str(ca)  # for the readiness check below
+    # Buffered in memory only, in large pieces: nginx's default 4-8 KiB pieces made it the
+    # bottleneck (~80 MiB/s), and it must cost both caches as little as it can.
+    child = _nginx(work, f"""server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{
+      proxy_pass {backend};
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_buffering on;
+      proxy_buffer_size 64k;
+      proxy_buffers 16 1m;
+      proxy_busy_buffers_size 2m;
+      proxy_max_temp_file_size 0;
+    }}
+  }}""", f"{url}/v2/")
+    return child, url, ca
+
+
+def _nginx(work: Path, http_block: str, ping: str) -> Child:
+    """nginx (2 workers, no access log, everything under `work`) with `http_block` inside
+    its http {}, waited for until `ping` answers."""
     conf = work / "nginx.conf"
     conf.write_text(f"""\
 worker_processes 2;
@@ -215,34 +222,16 @@ user root;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
+  default_type application/octet-stream;
   client_body_temp_path {work}/body;
   proxy_temp_path {work}/proxy;
-  server {{
-    listen 127.0.0.1:{port} ssl;
-    ssl_certificate {cert};
-    ssl_certificate_key {key};
-    location / {{
-      proxy_pass {backend};
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $http_host;
-      # Buffered in memory only, in large pieces: nginx's default 4-8 KiB pieces made it
-      # the bottleneck (~80 MiB/s), and it must cost both caches as little as it can.
-      proxy_buffering on;
-      proxy_buffer_size 64k;
-      proxy_buffers 16 1m;
-      proxy_busy_buffers_size 2m;
-      proxy_max_temp_file_size 0;
-    }}
-  }}
+  {http_block}
 }}
 """)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    url = f"https://127.0.0.1:{port}"
-    os.environ["SSL_CERT_FILE"] = str(ca)  # for the readiness check below
-    child = Child([nginx, "-e", str(work / "error.log"), "-c", str(conf), "-g", "daemon off;"],
-                  work / "server.log", f"{url}/v2/")
-    return child, url, ca
+    # -e: nginx opens its compiled-in error log before reading the config; keep it here.
+    return Child([nginx, "-e", str(work / "error.log"), "-c", str(conf), "-g", "daemon off;"],
+                 work / "server.log", ping)
 
 
 # -- the upstream ----------------------------------------------------------------------
