@@ -38,9 +38,11 @@ from .keys import (
     ROUTER,
     SCANNER,
     SIGNATURES,
+    TRENDS,
     UPLOADS,
 )
 from .ops import housekeeping
+from .ops.trends import Trends
 from .reference import Router
 from .storage.blobs import BlobStore
 from .storage.index import Index
@@ -88,6 +90,9 @@ def make_app(config: Config) -> web.Application:
     app[SIGNATURES] = Signatures(config, app_metrics)  # keys read now: a bad file stops here
     app[SCANNER] = Scanner(config.policy, app_metrics)  # policy.scan_webhook, after them
     app.cleanup_ctx.append(app[SCANNER].session)  # its own webhook session
+    # The status page's trends: sampled after the resources start, stopped before they close.
+    app[TRENDS] = Trends(app_metrics)
+    app.cleanup_ctx.append(app[TRENDS].running)
     logs.install(app)
     routes.setup(app)
     return app

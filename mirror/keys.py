@@ -8,6 +8,7 @@ from .cache.hosted import Hosted
 from .cache.proxy import Proxy
 from .cluster.replicas import Replicas
 from .config import Config
+from .ops.trends import Trends
 from .reference import Router
 from .storage.uploads import Uploads
 from .trust.rules import PullPolicy
@@ -25,3 +26,4 @@ REPLICAS = web.AppKey("replicas", Replicas)  # only with several replicas (clust
 POLICY = web.AppKey("policy", PullPolicy)  # [[policy.rules]] (trust/rules.py)
 SCANNER = web.AppKey("scanner", Scanner)  # policy.scan_webhook (trust/scanner.py)
 SIGNATURES = web.AppKey("signatures", Signatures)  # [[policy.signatures]] (trust/signatures.py)
+TRENDS = web.AppKey("trends", Trends)  # the status page's sampled trends (ops/trends.py)

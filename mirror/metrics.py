@@ -7,7 +7,10 @@ code that counts is handed the object (Upstream, Fills, Budget, FillLeases) or r
 from the request's application (handlers). An increment is a lock and an addition, never
 I/O: the manifest path runs it at thousands of requests per second. docs/metrics.md lists
 each metric with its type, labels and meaning, and tests/test_metrics.py holds the two to
-each other. Live values (fills running, disk use) are read when /metrics is scraped.
+each other. Live values (fills running, disk use) are read when /metrics is scraped. Beside
+the metrics it keeps two bounded things only the status page reads: the busiest
+repositories (`Tally`) and the latest refused logins and failed pulls (ops/events.py;
+`on_response_prepare` lists a pull answered 429 or 5xx there, with the error's message).
 
 Blob hits and misses count GETs, by whether the blob was committed; a miss that finds the
 fill of its digest running is coalesced. Manifest hits and misses (GET and HEAD) are told
@@ -30,6 +33,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .ops.events import Events, error_message, is_failure
 
 log = logging.getLogger("mirror")
 
@@ -142,6 +147,8 @@ class Metrics:
                           self.cache_misses.labels("manifest"),
                           self.coalesced.labels("manifest"))
         self.repositories = Tally()
+        # The latest refused logins and failed pulls, for the status page (ops/events.py).
+        self.events = Events()
         self._lookups: dict[tuple[str, str], _Shared] = {}
 
     def exposition(self) -> bytes:
@@ -172,6 +179,25 @@ class Metrics:
         if route == "blob" and request.get(CACHE_HIT) and request.method != "HEAD" \
                 and response.content_length:
             self.cache_bytes.labels("blob").inc(response.content_length)
+        elif is_failure(route, response.status):
+            self._failed(request, response)
+
+    def _failed(self, request: web.Request, response: web.StreamResponse) -> None:
+        """A pull answered 429 or 5xx: kept with its upstream and the message the client
+        got (the upstream's own reason, as upstream/client.py words it)."""
+        from .keys import ROUTER  # keys imports the modules that import this one
+
+        info = request.match_info
+        name = info.get("name", "")
+        try:
+            target = request.app[ROUTER].route(name, ns=request.query.get("ns"),
+                                               prefix=info.get("prefix"))
+            upstream, name = target.upstream.name, target.name  # library/ added for Hub
+        except Exception:  # an unknown name or ns: the failure is listed all the same
+            upstream = "-"
+        message = error_message(getattr(response, "body", None)) or response.reason or ""
+        self.events.failed(response.status, upstream, name,
+                           info.get("reference") or info.get("digest") or "", message)
 
     # Manifest lookups: hit, miss or coalesced (see the module docstring).
     def start_lookup(self, repository: str, reference: str) -> Lookup:

@@ -7,6 +7,8 @@ import os
 import time
 
 from mirror.ops import housekeeping
+from mirror.storage.blobs import BlobStore
+from mirror.storage.ledger import AGREES_AT, TOTAL
 from mirror.storage.sqlite import SqliteMetadata
 from tests.conftest import fetched
 from tests.test_budget import pull, settle, sha256
@@ -80,12 +82,14 @@ async def test_the_ledger_is_reconciled_with_the_disk_at_every_start(start_mirro
     await settle(first)
     alpine = upstream.images["library/alpine"]
     await first.server.close()
-    # Rows lost (as a crash between a commit and its queued ledger write would lose them),
+    # A row lost (as a crash between a commit and its queued ledger write would lose it),
     # and a file lost (deleted by hand) while the ledger still lists it.
     metadata = SqliteMetadata(tmp_path / "old")
-    for digest in (alpine.digest, alpine.layer_digests[0]):
-        await metadata._run(metadata._db.execute, "DELETE FROM items WHERE digest = ?",
-                            (digest,))
+    await metadata._run(metadata._db.execute, "DELETE FROM items WHERE digest = ?",
+                        (alpine.layer_digests[0],))
+    # The crash loses the row's share of the stored total with it (one transaction).
+    await metadata._run(metadata._db.execute, "UPDATE meta SET value = value - ? WHERE key = ?",
+                        (len(alpine.blobs[alpine.layer_digests[0]]), TOTAL))
     await metadata.close()
     gone = alpine.layer_digests[-1]
     first.proxy.store.path(gone).unlink()
@@ -99,6 +103,79 @@ async def test_the_ledger_is_reconciled_with_the_disk_at_every_start(start_mirro
     assert await usage.item(gone) is None
     assert usage.total() == sum(len(b) for d, b in alpine.blobs.items() if d != gone) \
         + len(alpine.manifest)
+
+
+async def test_a_start_compares_only_the_blob_directories_changed_since_the_ledger_agreed(
+        tmp_path):
+    metadata = SqliteMetadata(tmp_path)
+    store = BlobStore(tmp_path, metadata)
+    try:
+        await metadata.agree(time.time() - 100)
+        # A ledger row whose file is missing from a directory unchanged since: kept, unread.
+        kept = "sha256:aa" + "1" * 62
+        metadata.record_blob(kept, 123)
+        store.path(kept).parent.mkdir(parents=True)
+        long_ago = time.time() - 1000
+        os.utime(store.path(kept).parent, (long_ago, long_ago))
+        # In a directory changed since: a file the ledger lacks, a row whose file is gone.
+        found, gone = "sha256:bb" + "3" * 62, "sha256:bb" + "2" * 62
+        store.path(found).parent.mkdir(parents=True)
+        store.path(found).write_bytes(b"found on disk")
+        metadata.record_blob(gone, 456)
+        started = time.time()
+
+        result = await housekeeping.reconcile(store, metadata)
+        assert (result.dirs, result.entered, result.forgotten) == (1, 1, 1)
+        assert (await metadata.item(kept)).size == 123
+        assert (await metadata.item(found)).size == len(b"found on disk")
+        assert await metadata.item(gone) is None
+        assert metadata.total() == 123 + len(b"found on disk")
+        assert await metadata.agrees_at() >= started
+    finally:
+        await metadata.close()
+
+
+async def test_a_flush_after_a_commit_moves_the_agreement_time_and_an_idle_one_does_not(
+        tmp_path):
+    metadata = SqliteMetadata(tmp_path)
+    try:
+        await metadata.agree(1000.0)
+        metadata.touch("sha256:" + "c" * 64)
+        await metadata.flush()  # clocks only: no file changed
+        assert await metadata.agrees_at() == 1000.0
+        before = time.time()
+        metadata.record_blob("sha256:" + "d" * 64, 7)
+        await metadata.flush()
+        assert before <= await metadata.agrees_at() <= time.time()
+        assert (await metadata.item("sha256:" + "d" * 64)).size == 7
+    finally:
+        await metadata.close()
+
+
+async def test_a_root_from_before_the_agreement_time_is_compared_whole_once(start_mirror, http,
+                                                                           upstream, tmp_path):
+    first = await start_mirror(root=tmp_path / "old")
+    await pull(http, first, "library/alpine", "3.19")
+    await settle(first)
+    alpine = upstream.images["library/alpine"]
+    await first.server.close()
+    # An older version's root: no agreement time, a manifest and a blob without rows.
+    metadata = SqliteMetadata(tmp_path / "old")
+    for digest in (alpine.digest, alpine.layer_digests[0]):
+        await metadata._run(metadata._db.execute, "DELETE FROM items WHERE digest = ?",
+                            (digest,))
+    for key in (AGREES_AT, TOTAL):  # an older version wrote neither
+        await metadata._run(metadata._db.execute, "DELETE FROM meta WHERE key = ?", (key,))
+    await metadata.close()
+
+    second = await start_mirror(root=tmp_path / "old")
+    usage = second.proxy.usage
+    assert (await usage.item(alpine.digest)).kind == "manifest"
+    assert set(await usage.children(alpine.digest)) == set(alpine.blobs)
+    assert (await usage.item(alpine.layer_digests[0])).size == \
+        len(alpine.blobs[alpine.layer_digests[0]])
+    assert usage.total() == sum(len(b) for b in alpine.blobs.values()) + len(alpine.manifest)
+    assert await usage.agrees_at() is not None
 
 
 async def test_verify_and_gc_commands(mirror, http, upstream, tmp_path):

@@ -50,12 +50,23 @@ async def test_ls_and_du_report_what_is_stored(mirror, upstream, tmp_path):
     assert found["library/multiarch"]["size"] == \
         len(index.manifest) + stored_size(arm64)
     assert found["quay.io/team/app"]["size"] == stored_size(app)
+    # The index's platforms, each saying whether it is stored; the pinned image's pin.
+    assert found["library/multiarch"]["manifests"] == {index.digest: {
+        "media_type": index.media_type, "size": len(index.manifest) + stored_size(arm64),
+        "platforms": [{"platform": f"linux/{c.platform['architecture']}", "digest": c.digest,
+                       "stored": c is arm64} for c in index.children], "pinned": False}}
+    assert found["library/multiarch"]["pins"] == []
+    assert found["quay.io/team/app"]["pins"] == [app.digest]
+    assert found["quay.io/team/app"]["manifests"][app.digest]["pinned"] is True
     assert found["myteam/tool"] == {
         "name": "myteam/tool", "kind": "hosted", "key": None,
         "tags": {"1": {"any": alpine.digest}}, "size": stored_size(alpine),
         "verdict": {"repository": "allowed", "tags": {"1": "allowed"}},
         "signatures": {"1": {"digest": alpine.digest, "verdict": "not required", "rules": []}},
-        "last_used": found["myteam/tool"]["last_used"]}
+        "manifests": {alpine.digest: {"media_type": alpine.media_type,
+                                      "size": stored_size(alpine), "platforms": [],
+                                      "pinned": False}},
+        "pins": [], "last_used": found["myteam/tool"]["last_used"]}
     for repository in found.values():
         assert started - 1 <= repository["last_used"] <= time.time()
 

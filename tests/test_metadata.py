@@ -337,3 +337,33 @@ async def test_a_reader_joining_while_the_fill_commits_reads_the_committed_file(
 
 def test_verify_skips_a_blob_evicted_while_it_walks(tmp_path):
     assert housekeeping._hash_file(tmp_path / "gone", "sha256") is None
+
+
+async def test_a_clock_written_recently_waits_in_memory_and_still_keeps_its_item(tmp_path):
+    from mirror.storage.ledger import CLOCK_SECONDS
+
+    metadata = SqliteMetadata(tmp_path)
+    digest = "sha256:" + "e" * 64
+    try:
+        metadata.record_blob(digest, 10, atime=1000.0)
+        metadata.touch(digest)
+        await metadata.flush()
+        written = await metadata._run(metadata._one, "SELECT atime FROM items WHERE digest = ?",
+                                      digest)
+        assert written[0] > 1000.0
+        metadata.touch(digest)  # again, within CLOCK_SECONDS: not written, but seen
+        await metadata.flush()
+        assert (await metadata._run(metadata._one, "SELECT atime FROM items WHERE digest = ?",
+                                    digest)) == written
+        held = (await metadata.item(digest)).atime
+        assert written[0] < held < written[0] + CLOCK_SECONDS
+        # Eviction's check sees the clock in memory: used after the cut-off, the item stays.
+        assert await metadata.evict(digest, (written[0] + held) / 2, lambda d: False,
+                                    lambda d: None) is None
+    finally:
+        await metadata.close()
+    again = SqliteMetadata(tmp_path)  # closing wrote the clock that waited
+    try:
+        assert (await again.item(digest)).atime == held
+    finally:
+        await again.close()

@@ -559,6 +559,13 @@ def every_call(metadata: RedisMetadata) -> dict[str, Callable[[], Awaitable[Any]
         "evict": lambda: metadata.evict(d("layer"), LATER, never, pytest.fail),
         "refresh_total": metadata.refresh_total,
         "check": metadata.check,
+        "catalog_page": lambda: metadata.catalog_page("", 10),
+        "hosted_page": lambda: metadata.hosted_page("", 10),
+        "hosted_tags_page": lambda: metadata.hosted_tags_page("team/app", "", 10),
+        "tagged_page": lambda: metadata.tagged_page("docker.io/", "", 10),
+        "repository_tags": lambda: metadata.repository_tags(["docker.io/library/alpine"]),
+        "ledger_entries": lambda: metadata.ledger_entries([d("layer")]),
+        "manifests_of": lambda: metadata.manifests_of([d("m")]),
     }
 
 

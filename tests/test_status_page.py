@@ -1,14 +1,15 @@
 """The status page at `/`: what it says after traffic, and how it renders in a real browser
-(headless Chromium, Debian's `chromium`; scripts/test.sh installs it)."""
+(headless Chromium, Debian's `chromium`, through tests/support/chromium.py; scripts/test.sh
+installs it). Its trends, denials and JSON twin: test_status_trends.py and
+test_status_browser.py."""
 
 import asyncio
-import shutil
 import struct
 import zlib
-from pathlib import Path
 
 from mirror.api import status
 from mirror.metrics import METRICS
+from tests.support import chromium
 
 WIDTH, HEIGHT = 1200, 900
 
@@ -23,19 +24,6 @@ async def page(http, mirror) -> str:
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
         return await resp.text()
-
-
-async def screenshot(url: str, dest: Path, profile: Path) -> None:
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is needed (scripts/test.sh installs it)"
-    proc = await asyncio.create_subprocess_exec(
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-        f"--screenshot={dest}", f"--window-size={WIDTH},{HEIGHT}", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 90)
-    assert proc.returncode == 0 and dest.exists(), out.decode(errors="replace")
 
 
 async def stalled_fill(mirror, digest: str) -> int:
@@ -128,9 +116,14 @@ async def test_status_page_shows_traffic_upstreams_and_a_running_fill(
         assert f"{status._bytes(written)} / 3.0 MiB" in html
         assert "docker.io/library/alpine" in html  # the busiest repository
         assert "<script" not in html
+        assert '<section class="card" id="trends"><h2>Trends, last hour</h2>' in html
+        assert '<section class="card" id="denials"><h2>Denials and failures</h2>' in html
+        assert '<td class="n">429</td><td>quay.io</td><td><code>team/app</code></td>' \
+            "<td><code>2.0</code></td><td>upstream quay.io is rate limiting this mirror</td>" \
+            in html
 
         shot = tmp_path / "status.png"
-        await screenshot(f"{mirror.url}/", shot, tmp_path / "chromium-profile")
+        await chromium.screenshot(f"{mirror.url}/", shot, tmp_path, size=(WIDTH, HEIGHT))
     finally:
         upstream.proxy.release()
     status_code, body = await reader

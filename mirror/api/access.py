@@ -49,6 +49,7 @@ from ..reference import parse_name
 from . import tokens
 from .htpasswd import dummy_entry, read_htpasswd, verify
 from .logins import Failures, basic_credentials, client_key, is_loopback
+from .refusals import record_refusal
 from .tokens import TokenKey, Tokens
 
 log = logging.getLogger("mirror")
@@ -166,8 +167,10 @@ class Access:
             raise Denied(f"user {user} may not push here (access.push_users)")
 
     def challenge(self, request: web.Request) -> dict[str, str]:
-        """What a 401 asks for: a token from this mirror, for the request's repository."""
-        if request.path == tokens.PATH:
+        """What a 401 asks for: a token from this mirror, for the request's repository; a
+        login (Basic) on the token service and on the status pages, which browsers open and
+        registry clients never ask."""
+        if request.path == tokens.PATH or "/v2/" not in request.path:
             return CHALLENGE
         actions = "pull" if request.method in PULL_METHODS else "pull,push"
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
@@ -232,6 +235,7 @@ class Access:
                     await self.authorize(request)
                 return await handler(request)
             except Unauthorized as e:  # from the policy or the token service: say what to do
+                record_refusal(request, e)  # for the status page's denials panel
                 e.headers = {**e.headers, **self.challenge(request)}
                 raise
         return authorize

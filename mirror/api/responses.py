@@ -44,7 +44,7 @@ from ..cache.fill import Fill, FillFailed
 from ..errors import BlobUnknown, RangeInvalid, Unavailable
 from ..keys import CONFIG
 from ..storage.blobs import BlobStore
-from ..storage.s3 import ObjectMissing, ObjectStoreUnavailable
+from ..storage.s3_io import ObjectMissing, ObjectStoreUnavailable
 
 if TYPE_CHECKING:
     from ..cache.proxy import Proxy

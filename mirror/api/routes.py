@@ -12,6 +12,7 @@ Every route exists twice: as `/v2/...` and under an outer path prefix `/<prefix>
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from urllib.parse import urlencode
@@ -27,8 +28,8 @@ from ..keys import ACCESS, BUDGET, HOSTED, POLICY, PROXY, ROUTER, SCANNER, SIGNA
 from ..media import OCI_INDEX
 from ..reference import TAG, Route, is_digest, parse_digest, parse_name
 from ..trust.rules import HOSTED as HOSTED_SCOPE
+from . import browse, push, status, tokens
 from . import peers as api_peers
-from . import push, status, tokens
 from .responses import fill_response, stored_response
 
 
@@ -49,17 +50,23 @@ def setup(app: web.Application) -> None:
         r.add_get(f"{base}/{{name:.+}}/referrers/{{digest}}", referrers)
     # No /v2/ in these, so they never collide with the registry's routes.
     r.add_get("/", status.page)
+    r.add_get("/status.json", status.status_json)  # every panel's data (docs/status.md)
     r.add_get("/metrics", status.metrics_text)
     r.add_get("/healthz", status.healthz)
     r.add_get("/readyz", status.readyz)
+    r.add_get("/cache", browse.listing)  # the cache view (api/browse.py)
+    r.add_get("/cache.json", browse.listing_json)
+    r.add_get("/cache/{name:.+}", browse.repository)
     r.add_get(f"{peers.PATH}{{digest}}", api_peers.fill_stream)  # replicas only (signed)
     r.add_route("*", tokens.PATH, token)  # Bearer tokens for clients, with logins
     metrics.ROUTE_NAMES.update({
         ping: "ping", catalog: "catalog", tags_list: "tags", manifest: "manifest",
         push.put_manifest: "manifest", push.delete_manifest: "manifest", blob: "blob",
         push.delete_blob: "blob", push.start_upload: "upload", push.upload: "upload",
-        referrers: "referrers", status.page: "status", status.metrics_text: "metrics",
-        status.healthz: "healthz", status.readyz: "readyz", token: "token"})
+        referrers: "referrers", status.page: "status", status.status_json: "status",
+        status.metrics_text: "metrics",
+        status.healthz: "healthz", status.readyz: "readyz", token: "token",
+        browse.listing: "cache", browse.listing_json: "cache", browse.repository: "cache"})
 
 
 # yarl resolves dot segments and decodes %2e / %2f before routing, which would turn
@@ -260,7 +267,10 @@ async def _check_pull(request: web.Request) -> None:
 async def tags_list(request: web.Request) -> web.Response:
     count = _page_size(request)
     await _check_pull(request)
-    if name := await hosted(request):
+    if (name := await hosted(request)) and count is not None:  # one page, read as one
+        tags = await request.app[HOSTED].tags_page(name, request.query.get("last", ""),
+                                                   count + 1)
+    elif name:
         tags = await request.app[HOSTED].tags(name)
     else:
         tags = await request.app[PROXY].tags(route(request))
@@ -272,8 +282,16 @@ async def catalog(request: web.Request) -> web.Response:
     if "prefix" in request.match_info:
         request.app[ROUTER].upstream_for_prefix(request.match_info["prefix"])
     count = _page_size(request)
-    cached = await request.app[PROXY].index.repository_names()
-    names = set(cached) | set(await request.app[HOSTED].names())
+    index, hosted_names = request.app[PROXY].index, await request.app[HOSTED].names()
+    if count is None:  # every name, as asked
+        names = set(await index.repository_names()) | set(hosted_names)
+    else:
+        # One page: the first n + 1 names after `last` of each list hold the first n + 1 of
+        # both (the one past n says whether there is a next page), read through an index.
+        after = request.query.get("last", "")
+        start = bisect.bisect_right(hosted_names, after)
+        names = set(await index.catalog_page(after, count + 1)) | \
+            set(hosted_names[start:start + count + 1])
     page, link = _paginate(request, sorted(names), count)
     return _json({"repositories": page}, link)
 
@@ -321,16 +339,16 @@ def _paginate(request: web.Request, items: list[str],
               count: int | None) -> tuple[list[str], str | None]:
     """One page of a sorted list by `n` and `last` (exclusive), and the Link to the next one.
 
-    The Link keeps the path the client used (its prefix) and its `ns`, so following it
-    routes exactly like the first request did.
+    `last` is found by bisection and only the page is copied: a later page of a repository
+    with 10,000 tags costs what the first does. The Link keeps the path the client used
+    (its prefix) and its `ns`, so following it routes exactly like the first request did.
     """
     last = request.query.get("last")
-    if last is not None:
-        items = [item for item in items if item > last]
+    start = bisect.bisect_right(items, last) if last is not None else 0
     if count is None:
-        return items, None
-    page = items[:count]
-    if count == 0 or len(items) <= count:
+        return items[start:], None
+    page = items[start:start + count]
+    if count == 0 or len(items) - start <= count:
         return page, None
     query = {"n": count, "last": page[-1]}
     if "ns" in request.query:

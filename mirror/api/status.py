@@ -1,10 +1,19 @@
-"""What the mirror is doing, for people and for machines: the status page at `/`, the
-Prometheus metrics at `/metrics`, and the probes `/healthz` (alive) and `/readyz` (storage
-writable and index open).
+"""What the mirror is doing, for people and for machines: the status page at `/`, its
+JSON twin `/status.json`, the Prometheus metrics at `/metrics`, and the probes `/healthz`
+(alive) and `/readyz` (storage writable and index open).
 
-The page is plain HTML with inline CSS and a meta refresh, no JavaScript; every value that
-comes from outside (repository names, upstream errors, digests) goes through html.escape.
-None of these paths has a `/v2/` in it, so none can collide with the registry's routes.
+The page is plain HTML with inline CSS, server-drawn SVG charts (api/charts.py) and a meta
+refresh, no JavaScript; every value that comes from outside (repository names, upstream
+errors, digests) goes through html.escape. `/status.json` carries every panel's data as
+one document (docs/status.md). None of these paths has a `/v2/` in it, so none can collide
+with the registry's routes.
+
+Who may read them: `reader(request)` is the rule, and every status handler (the cache view
+too) calls it first. It is the registry API's read rule (api/access.py): without logins,
+anyone; with logins and `anonymous_pull = true`, anyone, read-only; with `anonymous_pull =
+false`, a login, else 401 with the usual challenge. Nothing shown is a secret: no password,
+token, htpasswd hash, upstream credential or cluster secret, and upstream URLs lose any
+`user:password@`.
 """
 
 from __future__ import annotations
@@ -18,12 +27,15 @@ from html import escape
 from pathlib import Path
 
 from aiohttp import web
+from yarl import URL
 
 from .. import metrics
-from ..keys import CONFIG, POLICY, PROXY, REPLICAS, SCANNER, SIGNATURES
+from ..errors import Unauthorized
+from ..keys import ACCESS, CONFIG, POLICY, PROXY, REPLICAS, SCANNER, SIGNATURES
 from ..trust.rules import PullPolicy
 from ..trust.scanner import Scanner
 from ..trust.signatures import Signatures
+from . import panels
 
 READY_TIMEOUT = 2.0  # a hung disk makes /readyz fail, never hang
 
@@ -87,13 +99,86 @@ def _json(document: object, status: int = 200) -> web.Response:
                         headers={"Content-Type": "application/json"})
 
 
+async def reader(request: web.Request) -> str | None:
+    """The read rule of every status path: the user logged in (None when anonymous), or
+    Unauthorized when logins are configured and `anonymous_pull = false` and none was given.
+    The access middleware applies the same rule before any handler; asking again here keeps
+    each status handler safe on its own (and tells it who is looking)."""
+    access = request.app[ACCESS]
+    user = await access.user(request)
+    if access.users is not None and user is None and not access.config.anonymous_pull:
+        raise Unauthorized("log in to see this mirror's status")
+    return user
+
+
 # The page.
 async def page(request: web.Request) -> web.Response:
+    await reader(request)
     cluster = request.app.get(REPLICAS)
     replicas = (cluster.name, await cluster.alive()) if cluster is not None else None
-    body = render(request.app, request.host, replicas)
+    range_ = request.query.get("range", "hour")
+    body = render(request.app, request.host, replicas,
+                  range_=range_ if range_ in panels.RANGES else "hour")
     return web.Response(body=body.encode(), headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+
+async def status_json(request: web.Request) -> web.Response:
+    """Every panel's data, for scripts (docs/status.md)."""
+    await reader(request)
+    cluster = request.app.get(REPLICAS)
+    document = data(request.app)
+    if cluster is not None:
+        document["cluster"] = {"replica": cluster.name, "alive": [
+            {"name": e.get("name"), "seen": e.get("seen")} for e in await cluster.alive()]}
+    response = _json(document)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def data(app: web.Application) -> dict:
+    """The page's panels as one JSON document."""
+    config, proxy = app[CONFIG], app[PROXY]
+    app_metrics = app[metrics.METRICS]
+    used, budget = app_metrics.disk.read()
+    now_monotonic = time.monotonic()
+    upstreams = [{
+        "name": u.name, "url": public_url(u.base),
+        "rate_limited_for": max(u.paused_until - now_monotonic, 0.0),
+        "last_ok": u.last_ok, "last_error": u.last_error,
+        **{key: metrics.value(series, upstream=u.name) for key, series in (
+            ("requests", app_metrics.upstream_requests),
+            ("errors", app_metrics.upstream_errors),
+            ("rate_limited", app_metrics.upstream_rate_limited),
+            ("fetched_bytes", app_metrics.upstream_bytes))},
+    } for u in proxy.upstreams.values()]
+    return {
+        "generated": time.time(),
+        "uptime_seconds": time.time() - app_metrics.started,
+        "disk": {"used_bytes": used, "budget_bytes": budget or config.storage.max_size or None,
+                 "evictions": metrics.total(app_metrics.evictions),
+                 "evicted_bytes": metrics.total(app_metrics.evicted_bytes)},
+        "cache": {"hit_ratio": hit_ratio(app_metrics),
+                  "hits": metrics.total(app_metrics.cache_hits),
+                  "misses": metrics.total(app_metrics.cache_misses),
+                  "coalesced": metrics.total(app_metrics.coalesced),
+                  "served_bytes": metrics.total(app_metrics.cache_bytes),
+                  "fetched_bytes": metrics.total(app_metrics.upstream_bytes)},
+        "requests": dict(_by_route(app_metrics)),
+        "trends": panels.trends_data(app),
+        "upstreams": upstreams,
+        **panels.denials_data(app),
+        "fills": [{"digest": f.digest, "written": f.written, "size": f.size,
+                   "from": _source(f), "readers": getattr(f, "readers", 0)}
+                  for f in list(proxy.fills.active.values())],
+        "repositories": [{"name": name, "requests": n}
+                         for name, n in app_metrics.repositories.top(10)],
+    }
+
+
+def public_url(url: URL) -> str:
+    """An upstream's URL as shown: never with the `user:password@` it may be written with."""
+    return str(url.with_user(None)) if url.user or url.password else str(url)
 
 
 def hit_ratio(app_metrics: metrics.Metrics) -> float | None:
@@ -107,7 +192,7 @@ def percent(ratio: float | None) -> str:
 
 
 def render(app: web.Application, host: str,
-           replicas: tuple[str, list[dict]] | None = None) -> str:
+           replicas: tuple[str, list[dict]] | None = None, range_: str = "hour") -> str:
     config, proxy = app[CONFIG], app[PROXY]
     app_metrics = app[metrics.METRICS]
     used, budget = app_metrics.disk.read()
@@ -138,6 +223,9 @@ def render(app: web.Application, host: str,
         title=escape(f"mirror · {host}"),
         uptime=escape(_duration(time.time() - app_metrics.started)),
         cards="\n".join(cards),
+        range=escape(panels.RANGES[range_]),
+        trends=panels.trends_html(app, range_, time.time(), _bytes),
+        denials=panels.denials_html(app, _clock, _table),
         upstreams=_upstreams(app_metrics, proxy),
         policy=_policy(app[POLICY], app_metrics) + _signatures(app[SIGNATURES], app_metrics)
         + _scanner(app[SCANNER], app_metrics),
@@ -165,20 +253,23 @@ def _upstreams(app_metrics: metrics.Metrics, proxy) -> str:
     for upstream in proxy.upstreams.values():
         name = upstream.name
         if upstream.paused_until > now_monotonic:
-            health, css = f"rate limited, waiting {upstream.paused_until - now_monotonic:.0f}s", "warn"
+            wait = upstream.paused_until - now_monotonic
+            health, css = f"rate limited, waiting {wait:.0f}s", "warn"
         elif upstream.last_error is not None:
             health, css = "failing", "bad"
         elif upstream.last_ok is not None:
             health, css = "ok", "good"
         else:
             health, css = "not asked yet", "idle"
-        last_ok = "never" if upstream.last_ok is None else _duration(now - upstream.last_ok) + " ago"
+        last_ok = "never" if upstream.last_ok is None else \
+            _duration(now - upstream.last_ok) + " ago"
         asked, failed, limited, fetched = (
             metrics.value(series, upstream=name) for series in (
                 app_metrics.upstream_requests, app_metrics.upstream_errors,
                 app_metrics.upstream_rate_limited, app_metrics.upstream_bytes))
         rows.append(
-            f'<tr><td><b>{escape(name)}</b><br><small>{escape(str(upstream.base))}</small></td>'
+            f"<tr><td><b>{escape(name)}</b><br>"
+            f"<small>{escape(public_url(upstream.base))}</small></td>"
             f'<td><span class="pill {css}">{escape(health)}</span></td>'
             f"<td>{escape(last_ok)}</td>"
             f"<td>{escape(upstream.last_error or '—')}</td>"
@@ -190,7 +281,7 @@ def _upstreams(app_metrics: metrics.Metrics, proxy) -> str:
 
 
 def _policy(policy: PullPolicy, app_metrics: metrics.Metrics) -> str:
-    """The pull rules with their counts, and the latest denials (newest first)."""
+    """The pull rules with their counts (their denials are in the denials panel)."""
     decisions = {(s.labels["rule"], s.labels["decision"]): s.value
                  for family in app_metrics.policy_decisions.collect() for s in family.samples
                  if s.name.endswith("_total")}
@@ -201,16 +292,11 @@ def _policy(policy: PullPolicy, app_metrics: metrics.Metrics) -> str:
     if not rules:
         return '<p class="empty">No pull rules: every image may be pulled ' \
                "([[policy.rules]] in the config, docs/trust.md).</p>"
-    denials = [f'<tr><td class="nowrap">{escape(_clock(d.at))}</td><td>{escape(d.client)}</td>'
-               f"<td><code>{escape(d.subject)}</code></td><td>{escape(d.rule)}</td></tr>"
-               for d in policy.recent]
-    return (_table(("rule", "applies to", "allowed", "denied"), rules, "")
-            + "<h3>Latest denials</h3>"
-            + _table(("time", "client", "image", "rule"), denials, "Nothing denied yet."))
+    return _table(("rule", "applies to", "allowed", "denied"), rules, "")
 
 
 def _scanner(scanner: Scanner, app_metrics: metrics.Metrics) -> str:
-    """The scanner gate's line (its counts by verdict) and its latest denials."""
+    """The scanner gate's line: its counts by verdict."""
     if not scanner.active:
         return ""
     counts = {s.labels["verdict"]: s.value for family in app_metrics.scan_verdicts.collect()
@@ -221,15 +307,11 @@ def _scanner(scanner: Scanner, app_metrics: metrics.Metrics) -> str:
                         for v in ("allowed", "denied", "pending", "error"))
             + f"; {_count(len(scanner.verdicts))} verdicts kept "
             f"(policy.scan_webhook, docs/trust.md).</p>")
-    denials = [f'<tr><td class="nowrap">{escape(_clock(d.at))}</td><td>{escape(d.client)}</td>'
-               f"<td><code>{escape(d.subject)}</code></td><td>{escape(d.rule)}</td></tr>"
-               for d in scanner.recent]
-    return (line + "<h3>Latest scanner denials</h3>"
-            + _table(("time", "client", "image", "reason"), denials, "Nothing denied yet."))
+    return line
 
 
 def _signatures(signatures: Signatures, app_metrics: metrics.Metrics) -> str:
-    """The signature rules with their verdict counts, and the latest signature denials."""
+    """The signature rules with their verdict counts."""
     if not signatures.active:
         return ""
     counts = {(s.labels["rule"], s.labels["verdict"]): s.value
@@ -239,13 +321,8 @@ def _signatures(signatures: Signatures, app_metrics: metrics.Metrics) -> str:
              + "".join(f'<td class="n">{_count(counts.get((rule.label, verdict), 0))}</td>'
                        for verdict in ("signed", "unsigned", "invalid")) + "</tr>"
              for rule in signatures.rules]
-    denials = [f'<tr><td class="nowrap">{escape(_clock(d.at))}</td><td>{escape(d.client)}</td>'
-               f"<td><code>{escape(d.subject)}</code></td><td>{escape(d.rule)}</td></tr>"
-               for d in signatures.recent]
     return ("<h3>Signatures</h3>"
-            + _table(("rule", "checks", "signed", "unsigned", "invalid"), rules, "")
-            + "<h3>Latest signature denials</h3>"
-            + _table(("time", "client", "image", "reason"), denials, "Nothing denied yet."))
+            + _table(("rule", "checks", "signed", "unsigned", "invalid"), rules, ""))
 
 
 def _clock(at: float) -> str:
@@ -374,20 +451,33 @@ code {{ font-size:13px; }}
 .bad {{ background:var(--bad); }} .idle {{ background:#8a97a6; }}
 .empty {{ color:var(--muted); margin:0; }} .nowrap {{ white-space:nowrap; }}
 footer {{ color:var(--muted); font-size:12px; text-align:center; padding:8px 0 20px; }}
+.charts {{ display:grid; gap:10px 16px; grid-template-columns:repeat(auto-fit,minmax(230px,1fr)); }}
+.chart {{ margin:0; }} .chart svg {{ display:block; width:100%; height:auto;
+         background:#f8fafc; border:1px solid var(--line); border-radius:4px; }}
+.chart figcaption {{ font-size:13px; color:var(--muted); font-weight:600; }}
+.chart p {{ margin:2px 0 0; font-size:12px; color:var(--muted); }}
+.chart .key {{ margin-right:8px; white-space:nowrap; }}
+.chart .key i {{ display:inline-block; width:10px; height:3px; margin:0 4px 3px 0; }}
+.chart .axis {{ font-size:9px; fill:var(--muted); }}
+.chart .grid {{ stroke:var(--line); stroke-width:1; }}
 </style></head>
 <body>
-<header><h1>{title}</h1><p>pull-through registry mirror · up {uptime}</p></header>
+<header><h1>{title}</h1><p>pull-through registry mirror · up {uptime} ·
+<a href="/cache" style="color:#b9cbe0">browse the cache</a></p></header>
 <main>
 <div class="grid">
 {cards}
 </div>
+<section class="card" id="trends"><h2>Trends, {range}</h2>{trends}</section>
 <section class="card"><h2>Upstreams</h2>{upstreams}</section>
+<section class="card" id="denials"><h2>Denials and failures</h2>{denials}</section>
 <section class="card"><h2>Policy</h2>{policy}</section>
 <section class="card"><h2>Fills in progress</h2>{fills}</section>
 <section class="card"><h2>Busiest repositories</h2>{repositories}
 <p class="empty"><small>by manifest requests since the start</small></p></section>
 </main>
 <footer>generated {generated} · refreshes every 10 s ·
-<a href="/metrics">metrics</a> · <a href="/readyz">readyz</a></footer>
+<a href="/status.json">status.json</a> · <a href="/metrics">metrics</a> ·
+<a href="/readyz">readyz</a></footer>
 </body></html>
 """

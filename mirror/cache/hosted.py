@@ -219,6 +219,12 @@ class Hosted:
     async def tags(self, name: str) -> list[str]:
         return sorted((await self.repository(name)).tags)
 
+    async def tags_page(self, name: str, after: str, limit: int) -> list[str]:
+        """`limit` tags after `after`, read as one page from the metadata (a repository
+        with 10,000 tags is not loaded for a page of 100)."""
+        self._known(name)
+        return await self.metadata.hosted_tags_page(name, after, limit)
+
     # Referrers (distribution-spec v1.1 "Listing Referrers").
     async def referrers(self, name: str, subject: str, artifact_type: str | None) -> list[dict]:
         self._known(name)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from ..errors import BlobUnknown, Unavailable
 from ..storage.blobs import BlobStore
-from ..storage.s3 import ObjectMissing, ObjectStoreUnavailable
+from ..storage.s3_io import ObjectMissing, ObjectStoreUnavailable
 
 
 class ObjectBody:

@@ -1,9 +1,17 @@
 """`mirror gc` and `mirror verify`, and the reconciliation the server does at every start.
 
-- reconcile (at each server start): blob files and manifests the ledger does not know are
-  entered into it (a crash between a commit and its ledger write, a root from an older
-  version), and ledger rows of blobs whose file is gone are forgotten, so the budget and
-  gc count what is really on the disk.
+- reconcile (at each server start): blob files the ledger does not know are entered into
+  it (a crash between a commit and its ledger write), and ledger rows of blobs whose file
+  is gone are forgotten, so the budget and gc count what is really on the disk. Only the
+  blob directories (`blobs/<algorithm>/<ab>/`) changed since the ledger last agreed with
+  the disk (ledger.py's `agrees_at`, less `AGREEMENT_SLACK`) are listed and compared: a
+  directory's mtime moves with every file added to it or removed from it, so the start of
+  a million-item cache costs 256 stats, not a million. A root with no such time (from an
+  older version) is compared whole once, manifests without ledger rows included. A ledger
+  row whose file is missing from a directory nobody changed since (removed behind the
+  server's back in a way that kept the directory's mtime, or a filled benchmark root) is
+  left alone: it counts towards the budget until eviction takes it (no file to remove),
+  and a GET of it is a miss that fetches the blob again.
 - gc: removes expired uploads; spool files in tmp/ only when no server holds the storage
   root (a live server's spools are fills in progress or downloads kept for resuming, and
   the server empties tmp/ at its next start); blob files the ledger does not know that are
@@ -35,11 +43,13 @@ from .. import config as cfg
 from ..media import references
 from ..storage import lock
 from ..storage.blobs import BlobStore
+from ..storage.ledger import Ledger
 from ..storage.metadata import Metadata
 from ..storage.uploads import Uploads
 from .local import Storage
 
 SPOOL_GRACE = 3600.0
+GC_BATCH = 500  # blob files looked up in the ledger per query
 
 
 @dataclass
@@ -59,31 +69,67 @@ class Report:
 class Reconciled:
     entered: int = 0
     forgotten: int = 0
+    dirs: int = 0  # blob directories listed and compared with the ledger
 
 
-async def reconcile(store: BlobStore, metadata: Metadata) -> Reconciled:
+# A blob committed this long before the ledger's agreement time may still have had its
+# ledger write queued (the write follows the commit; another process's import commits too).
+AGREEMENT_SLACK = 10.0
+
+
+async def reconcile(store: BlobStore, metadata: Ledger) -> Reconciled:
     """Make the ledger agree with the disk; see the module docstring."""
     result = Reconciled()
-    known = {item.digest: item for item in await metadata.items()}
-    files = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: [(digest, path.stat()) for path, digest in _blob_files(store)])
-    on_disk = set()
-    for digest, stat in files:
-        on_disk.add(digest)
-        if digest not in known:
-            metadata.record_blob(digest, stat.st_size, atime=stat.st_mtime)
-            result.entered += 1
-    for digest in await metadata.manifest_digests():
-        if digest not in known:
+    started = time.time()
+    agreed = await metadata.agrees_at()
+    since = None if agreed is None else agreed - AGREEMENT_SLACK
+    loop = asyncio.get_running_loop()
+    for prefix, directory in await loop.run_in_executor(None, _changed_dirs, store, since):
+        files = await loop.run_in_executor(None, _files_in, directory)
+        known = await metadata.blobs_under(prefix)
+        new = [(d, size, mtime) for d, (size, mtime) in files.items() if d not in known]
+        gone = sorted(known - files.keys())
+        if new:
+            await metadata.enter_blobs(new)
+        if gone:
+            await metadata.forget_blobs(gone)
+        result.dirs += 1
+        result.entered, result.forgotten = result.entered + len(new), result.forgotten + len(gone)
+    if agreed is None:  # a root from before the ledger: its manifests too, once
+        for digest in await metadata.unrecorded_manifests():
             found = await metadata.manifest(digest)
             if found is not None:
                 await metadata.put_manifest(digest, found[0], found[1], references(found[1]))
                 result.entered += 1
-    for digest, item in known.items():
-        if item.kind == "blob" and digest not in on_disk:
-            await metadata.forget(digest)
-            result.forgotten += 1
+    await metadata.agree(started)
     return result
+
+
+def _changed_dirs(store: BlobStore, since: float | None) -> list[tuple[str, Path]]:
+    """(`sha256:ab`, its directory) for every blob directory changed at or after `since`
+    (all of them when None)."""
+    found = []
+    for algorithm in os.scandir(store.blobs):
+        if not algorithm.is_dir():
+            continue
+        for entry in os.scandir(algorithm.path):
+            if entry.is_dir() and (since is None or entry.stat().st_mtime >= since):
+                found.append((f"{algorithm.name}:{entry.name}", Path(entry.path)))
+    return found
+
+
+def _files_in(directory: Path) -> dict[str, tuple[int, float]]:
+    """digest -> (size, mtime) of the blob files in one `blobs/<algorithm>/<ab>/`."""
+    algorithm = directory.parent.name
+    files = {}
+    for entry in os.scandir(directory):
+        try:
+            if entry.is_file():
+                stat = entry.stat()
+                files[f"{algorithm}:{entry.name}"] = (stat.st_size, stat.st_mtime)
+        except FileNotFoundError:  # removed since the listing
+            continue
+    return files
 
 
 async def gc(config: cfg.Config, grace: float = 3600.0) -> Report:
@@ -102,30 +148,42 @@ async def gc(config: cfg.Config, grace: float = 3600.0) -> Report:
                     path.unlink(missing_ok=True)
         metadata = storage.metadata
         held = await metadata.held_by_hosted()
-        known = {item.digest for item in await metadata.items()}  # one read, not one a blob
         linked_before = now - config.hosted.upload_ttl
-        for path, digest in list(_blob_files(storage.store)):
-            report.checked += 1
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # evicted by the running server since the listing
-                continue
-            if digest not in known:
-                # A file the ledger does not know: a commit whose ledger write is still
-                # queued looks the same for a moment, hence the grace on its age too.
-                if stat.st_mtime < now - grace and digest not in held:
-                    storage.store.remove(digest)
-                    report.removed += 1
-                    report.removed_bytes += stat.st_size
-                continue
-            evicted = await metadata.evict(digest, now - grace, lambda d: False,
-                                           storage.store.remove, linked_before)
-            if evicted is not None:
-                report.removed += 1
-                report.removed_bytes += evicted.item.size
+        files = list(_blob_files(storage.store))
+        for start in range(0, len(files), GC_BATCH):
+            batch = files[start:start + GC_BATCH]
+            # The ledger is asked about the files found, a batch at a time: the work
+            # follows what is on the disk, not the size of the ledger.
+            known = await metadata.known([digest for _, digest in batch])
+            for path, digest in batch:
+                await _collect(storage, report, path, digest, digest in known, held,
+                               now - grace, linked_before)
     finally:
         await storage.close()
     return report
+
+
+async def _collect(storage: Storage, report: Report, path: Path, digest: str, known: bool,
+                   held: set[str], cutoff: float, linked_before: float) -> None:
+    """gc of one blob file: unknown and old, or known and free to go (evict's check)."""
+    report.checked += 1
+    try:
+        stat = path.stat()
+    except FileNotFoundError:  # evicted by the running server since the listing
+        return
+    if not known:
+        # A file the ledger does not know: a commit whose ledger write is still queued
+        # looks the same for a moment, hence the grace on its age too.
+        if stat.st_mtime < cutoff and digest not in held:
+            storage.store.remove(digest)
+            report.removed += 1
+            report.removed_bytes += stat.st_size
+        return
+    evicted = await storage.metadata.evict(digest, cutoff, lambda d: False,
+                                           storage.store.remove, linked_before)
+    if evicted is not None:
+        report.removed += 1
+        report.removed_bytes += evicted.item.size
 
 
 async def verify(config: cfg.Config, progress=None) -> Report:

@@ -24,6 +24,10 @@ from .migration import migrate
 
 log = logging.getLogger("mirror")
 
+# items_by_use is in the eviction order (atime, digest): a page of the oldest is read from it
+# in order. Its predecessor, items_by_atime (atime alone), made SQLite sort every row older
+# than the cut-off for each page (2.9 s a page at a million items); a root that has it gets
+# the new index at its first open (about 3 s at a million items, once).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests (
     digest TEXT PRIMARY KEY, media_type TEXT NOT NULL, body BLOB NOT NULL);
@@ -38,7 +42,8 @@ CREATE TABLE IF NOT EXISTS catalog (name TEXT PRIMARY KEY, added REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
     digest TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL,
     atime REAL NOT NULL, pinned INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS items_by_atime ON items (atime);
+CREATE INDEX IF NOT EXISTS items_by_use ON items (atime, digest);
+DROP INDEX IF EXISTS items_by_atime;
 CREATE TABLE IF NOT EXISTS refs (parent TEXT NOT NULL, child TEXT NOT NULL,
     PRIMARY KEY (parent, child));
 CREATE INDEX IF NOT EXISTS refs_by_child ON refs (child);

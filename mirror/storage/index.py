@@ -1,7 +1,9 @@
 """Index: the metadata store (metadata.py) with its in-memory tier in front of it.
 
 Manifests are also held in a small in-process LRU and tag records in the memory tier
-(memory.py), so a warm manifest request does no database read at all. Everything durable
+(memory.py), so a warm manifest request does no database read at all. Upstream tag lists
+are held parsed for `HOT_TAG_SECONDS` too: a `tags/list` page of a repository with 10,000
+tags then costs a bisection, not a read and parse of the whole list. Everything durable
 is in the `Metadata` backend; what is here is a copy that a restart simply re-reads.
 Blobs are not here: they are files (blobs.py).
 
@@ -17,6 +19,7 @@ store; writes fail with MetadataUnavailable, which the proxy logs as "not cached
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -34,6 +37,8 @@ HOT_MANIFEST_BYTES = 32 << 20
 HOT_TAG_SECONDS = 30
 # Tag records kept to answer from while the metadata store is down.
 LAST_TAGS = 10000
+# Tags of upstream tag lists held parsed in memory, across all lists (least recently used go).
+HOT_LIST_TAGS = 200_000
 
 
 class Index:
@@ -45,6 +50,9 @@ class Index:
         self._hot_bytes = 0
         self._catalog: set[str] = set()  # names known to be in the catalog already
         self._last_tags: OrderedDict[str, TagRecord] = OrderedDict()
+        # repository -> (tags, fetched_at, monotonic time read): see the module docstring.
+        self._lists: OrderedDict[str, tuple[list[str], float, float]] = OrderedDict()
+        self._list_tags = 0
 
     # Manifests, immutable by digest.
     async def manifest(self, digest: str) -> tuple[str, bytes] | None:
@@ -143,12 +151,29 @@ class Index:
         await self.metadata.drop_tag(repository, tag, accept_class)
         await self.memory.delete(_tag_key(repository, tag, accept_class))
 
-    # Tag lists, as the upstream last sent them.
+    # Tag lists, as the upstream last sent them (sorted). The list is shared: not to be changed.
     async def tag_list(self, repository: str) -> tuple[list[str], float] | None:
-        return await self.metadata.tag_list(repository)
+        held = self._lists.get(repository)
+        if held is not None and time.monotonic() - held[2] < HOT_TAG_SECONDS:
+            self._lists.move_to_end(repository)
+            return held[0], held[1]
+        found = await self.metadata.tag_list(repository)
+        if found is not None:
+            self._hold_list(repository, found[0], found[1])
+        return found
 
     async def put_tag_list(self, repository: str, tags: list[str]) -> None:
         await self.metadata.put_tag_list(repository, tags)
+        self._hold_list(repository, tags, time.time())
+
+    def _hold_list(self, repository: str, tags: list[str], fetched_at: float) -> None:
+        if (old := self._lists.pop(repository, None)) is not None:
+            self._list_tags -= len(old[0])
+        self._lists[repository] = (tags, fetched_at, time.monotonic())
+        self._list_tags += len(tags)
+        while self._list_tags > HOT_LIST_TAGS and len(self._lists) > 1:
+            _, (dropped, _, _) = self._lists.popitem(last=False)
+            self._list_tags -= len(dropped)
 
     # The catalog: repository names as a client would pull them back.
     async def add_repository(self, name: str) -> None:
@@ -168,6 +193,11 @@ class Index:
 
     async def repository_names(self) -> list[str]:
         return await self.metadata.repository_names()
+
+    async def catalog_page(self, after: str, limit: int) -> list[str]:
+        """Up to `limit` catalog names after `after`, in order: one page, read through the
+        store's index (not every name)."""
+        return await self.metadata.catalog_page(after, limit)
 
 
 def _manifest_object(digest: str) -> str:

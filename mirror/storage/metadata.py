@@ -258,3 +258,64 @@ class Metadata(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    # Pages of names and one page's tag records, for the cache view (api/browse.py) and
+    # `mirror ls` (ops/inventory.py). These defaults read every name, which any backend can;
+    # a backend with an ordered index (sqlite.py) reads only the page.
+    async def catalog_page(self, after: str, limit: int, contains: str = "") -> list[str]:
+        """Up to `limit` catalog names after `after` (exclusive), in order, that hold
+        `contains`."""
+        return _page(await self.repository_names(), after, limit, contains)
+
+    async def hosted_page(self, after: str, limit: int, contains: str = "") -> list[str]:
+        """Up to `limit` hosted repository names after `after`, in order, holding `contains`."""
+        return _page(await self.hosted_names(), after, limit, contains)
+
+    async def hosted_tags_page(self, name: str, after: str, limit: int) -> list[str]:
+        """Up to `limit` tags of hosted repository `name` after `after`, in order (a
+        `tags/list?n=` page reads only the page)."""
+        repository = await self.hosted(name)
+        return _page(repository.tags if repository else [], after, limit, "")
+
+    async def tagged_page(self, prefix: str, after: str, limit: int, contains: str = "",
+                          exclude: str | None = None) -> list[str]:
+        """Up to `limit` repository keys of tag records that start with `prefix` and not with
+        `exclude`, each without `prefix`, in order, after `after` and holding `contains`
+        (both said without `prefix`): `docker.io/` gives the default upstream's names as its
+        clients pull them."""
+        keys = {record[0] for record in await self.tag_records()}
+        return _page([key[len(prefix):] for key in keys if key.startswith(prefix) and
+                      not (exclude and key.startswith(exclude))], after, limit, contains)
+
+    async def repository_tags(self, repositories: Iterable[str]
+                              ) -> dict[str, list[tuple[str, str, TagRecord]]]:
+        """The (tag, accept class, record) of each of these repository keys, in order: one
+        page's tag records, never every repository's."""
+        wanted = set(repositories)
+        found: dict[str, list[tuple[str, str, TagRecord]]] = {key: [] for key in wanted}
+        for repository, tag, accept_class, record in await self.tag_records():
+            if repository in wanted:
+                found[repository].append((tag, accept_class, record))
+        return found
+
+    async def ledger_entries(self, digests: Iterable[str]) -> dict[str, tuple[Item, list[str]]]:
+        """The item and children of each of these digests the ledger holds: a page's
+        content in one read, not two per digest."""
+        found = {}
+        for digest in set(digests):
+            if (item := await self.item(digest)) is not None:
+                found[digest] = (item, await self.children(digest))
+        return found
+
+    async def manifests_of(self, digests: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        """(media type, bytes) of each of these manifests that is stored."""
+        found = {}
+        for digest in set(digests):
+            if (manifest := await self.manifest(digest)) is not None:
+                found[digest] = manifest
+        return found
+
+
+def _page(names: Iterable[str], after: str, limit: int, contains: str) -> list[str]:
+    """The page of `names` a `*_page` call answers, from every name."""
+    return sorted(n for n in names if n > after and contains in n)[:limit]

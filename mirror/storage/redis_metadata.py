@@ -40,7 +40,14 @@ from collections.abc import Callable, Iterable
 from redis.asyncio.client import Pipeline
 
 from ..errors import ManifestBlobUnknown
-from .metadata import HostedRepository, ManifestPush, Metadata, MetadataUnavailable, TagRecord
+from .metadata import (
+    HostedRepository,
+    Item,
+    ManifestPush,
+    Metadata,
+    MetadataUnavailable,
+    TagRecord,
+)
 from .redis_ledger import RedisLedger
 from .redis_store import MetadataLost, guarded, split_tag_id, tag_id, text
 
@@ -317,3 +324,58 @@ class RedisMetadata(RedisLedger, Metadata):
                 pipe.hkeys(self.key("hosted", name, "manifests"))
             held = await pipe.execute()
         return {text(d) for digests in held for d in digests}
+
+    # Pages for the cache view. The catalog, hosted names and tag ids are unordered here
+    # (a hash, a hash, a set), so a page reads every name or id, but never a record it does
+    # not show: only the ids, then one page's tag records.
+    async def _tag_ids(self) -> list[tuple[str, str, str]]:
+        return [split_tag_id(text(i)) for i in await self.client.smembers(self.key("tags"))]
+
+    @guarded
+    async def tagged_page(self, prefix: str, after: str, limit: int, contains: str = "",
+                          exclude: str | None = None) -> list[str]:
+        keys = {repository for repository, _, _ in await self._tag_ids()}
+        names = {key[len(prefix):] for key in keys if key.startswith(prefix) and
+                 not (exclude and key.startswith(exclude))}
+        return sorted(n for n in names if n > after and contains in n)[:limit]
+
+    @guarded
+    async def repository_tags(self, repositories: Iterable[str]
+                              ) -> dict[str, list[tuple[str, str, TagRecord]]]:
+        wanted = set(repositories)
+        ids = sorted(i for i in await self._tag_ids() if i[0] in wanted)
+        async with self.client.pipeline(transaction=True) as pipe:
+            for id_ in ids:
+                pipe.hgetall(self.key("tag", tag_id(*id_)))
+            rows = await pipe.execute() if ids else []
+        found: dict[str, list[tuple[str, str, TagRecord]]] = {key: [] for key in wanted}
+        for (repository, tag, accept_class), row in zip(ids, rows, strict=True):
+            record = _record(row)
+            if record is not None:  # dropped since the ids were read
+                found[repository].append((tag, accept_class, record))
+        return found
+
+    @guarded
+    async def ledger_entries(self, digests: Iterable[str]) -> dict[str, tuple[Item, list[str]]]:
+        wanted = sorted(set(digests))
+        async with self.client.pipeline(transaction=True) as pipe:
+            for digest in wanted:
+                pipe.hgetall(self.key("item", digest))
+                pipe.smembers(self.key("children", digest))
+            rows = await pipe.execute() if wanted else []
+        found = {}
+        for digest, fields, children in zip(wanted, rows[::2], rows[1::2], strict=True):
+            if (item := self._item(digest, fields)) is not None:
+                found[digest] = (item, sorted(text(c) for c in children))
+        return found
+
+    @guarded
+    async def manifests_of(self, digests: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        wanted = sorted(set(digests))
+        async with self.client.pipeline(transaction=True) as pipe:
+            for digest in wanted:
+                pipe.hmget(self.key("manifest", digest), "media_type", "body")
+            rows = await pipe.execute() if wanted else []
+        return {digest: (text(media_type), body if isinstance(body, bytes) else body.encode())
+                for digest, (media_type, body) in zip(wanted, rows, strict=True)
+                if body is not None}

@@ -46,7 +46,7 @@ from botocore import exceptions as boto
 from botocore.parsers import ResponseParserError
 
 from ..errors import RangeInvalid, StorageError, storage_error
-from .s3_io import ObjectBody, ObjectWriter
+from .s3_io import ObjectBody, ObjectMissing, ObjectStoreUnavailable, ObjectWriter
 
 log = logging.getLogger("mirror")
 
@@ -60,19 +60,6 @@ _NETWORK = (boto.HTTPClientError, boto.ConnectionError, boto.IncompleteReadError
             asyncio.TimeoutError, OSError)
 _NO_CREDENTIALS = (boto.NoCredentialsError, boto.PartialCredentialsError,
                    boto.CredentialRetrievalError)
-
-
-class ObjectStoreUnavailable(StorageError):
-    """The object store did not answer (refused, timed out, 5xx); worth retrying later."""
-
-    code, status = "UNAVAILABLE", 503
-
-    def __init__(self, message: str, detail: object = None, headers: dict | None = None):
-        super().__init__(message, detail, {"Retry-After": "10", **(headers or {})})
-
-
-class ObjectMissing(StorageError):
-    """An object (or multipart upload) that must exist does not: our bug, or a race."""
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import time
 from typing import Callable, Iterable
 
 from ..errors import ManifestBlobUnknown
-from .ledger import Ledger
-from .metadata import HostedRepository, ManifestPush, Metadata, TagRecord
+from .ledger import ITEM_COLUMNS, Ledger
+from .metadata import HostedRepository, Item, ManifestPush, Metadata, TagRecord
 
 
 class SqliteMetadata(Ledger, Metadata):
@@ -235,3 +235,106 @@ class SqliteMetadata(Ledger, Metadata):
         rows = await self._run(self._column, "SELECT digest FROM hosted_blobs UNION "
                                "SELECT digest FROM hosted_manifests")
         return set(rows)
+
+    # Pages for the cache view: each query walks a primary key in order from `after` and
+    # stops at `limit`, so the first and the last page of 50,000 names cost alike; a
+    # `contains` filter reads every name of the range (instr, not LIKE: `_` is in names).
+    async def catalog_page(self, after: str, limit: int, contains: str = "") -> list[str]:
+        return await self._run(self._column, "SELECT name FROM catalog WHERE name > ? AND "
+                               "instr(name, ?) > 0 ORDER BY name LIMIT ?", after, contains, limit)
+
+    async def hosted_page(self, after: str, limit: int, contains: str = "") -> list[str]:
+        return await self._run(self._column, "SELECT name FROM hosted_repositories WHERE "
+                               "name > ? AND instr(name, ?) > 0 ORDER BY name LIMIT ?",
+                               after, contains, limit)
+
+    async def hosted_tags_page(self, name: str, after: str, limit: int) -> list[str]:
+        return await self._run(self._column, "SELECT tag FROM hosted_tags WHERE name = ? AND "
+                               "tag > ? ORDER BY tag LIMIT ?", name, after, limit)
+
+    async def tagged_page(self, prefix: str, after: str, limit: int, contains: str = "",
+                          exclude: str | None = None) -> list[str]:
+        # Keys starting with p are those in [p, p with its last character raised); an
+        # excluded prefix splits the range in two, each read in key order. A range is
+        # (lowest key, whether that one is out, first key after the range).
+        ranges = [(prefix + after, True, _above(prefix))]
+        if exclude:
+            low, _, high = ranges[0]
+            above = _above(exclude) or ""
+            ranges = [(low, True, exclude),
+                      (low, True, high) if low >= above else (above, False, high)]
+
+        def read() -> list[str]:
+            found: list[str] = []
+            for low, strict, high in ranges:
+                if high is not None and low >= high:
+                    continue
+                found += self._column(
+                    f"SELECT repository FROM tags WHERE repository {'>' if strict else '>='} ? "
+                    + ("AND repository < ? " if high is not None else "")
+                    + "AND instr(substr(repository, ?), ?) > 0 GROUP BY repository "
+                    "ORDER BY repository LIMIT ?",
+                    low, *([high] if high is not None else []), len(prefix) + 1, contains,
+                    limit - len(found))
+                if len(found) >= limit:
+                    break
+            return [key[len(prefix):] for key in found]
+        return await self._run(read)
+
+    async def repository_tags(self, repositories: Iterable[str]
+                              ) -> dict[str, list[tuple[str, str, TagRecord]]]:
+        keys = sorted(set(repositories))
+
+        def read() -> dict[str, list[tuple[str, str, TagRecord]]]:
+            found: dict[str, list[tuple[str, str, TagRecord]]] = {key: [] for key in keys}
+            for row in self._db.execute(
+                    "SELECT repository, tag, accept_class, digest, media_type, size, "
+                    f"checked_at FROM tags WHERE repository IN ({', '.join('?' * len(keys))}) "
+                    "ORDER BY repository, tag, accept_class", keys):
+                found[row[0]].append((row[1], row[2], TagRecord(*row[3:])))
+            return found
+        return await self._run(read) if keys else {}
+
+    async def ledger_entries(self, digests: Iterable[str]) -> dict[str, tuple[Item, list[str]]]:
+        wanted = sorted(set(digests))
+
+        def read() -> dict[str, tuple[Item, list[str]]]:
+            found: dict[str, tuple[Item, list[str]]] = {}
+            for part in _chunks(wanted):
+                for row in self._db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE digest "
+                                            f"IN ({', '.join('?' * len(part))})", part):
+                    found[row[0]] = (self._item(row), [])
+            # Only a manifest refers to anything: a level of blobs costs one query, not two.
+            manifests = sorted(d for d, (item, _) in found.items() if item.kind == "manifest")
+            for part in _chunks(manifests):
+                for parent, child in self._db.execute(
+                        "SELECT parent, child FROM refs WHERE parent IN "
+                        f"({', '.join('?' * len(part))})", part):
+                    found[parent][1].append(child)
+            return found
+        return await self._run(read) if wanted else {}
+
+    async def manifests_of(self, digests: Iterable[str]) -> dict[str, tuple[str, bytes]]:
+        wanted = sorted(set(digests))
+
+        def read() -> dict[str, tuple[str, bytes]]:
+            found: dict[str, tuple[str, bytes]] = {}
+            for part in _chunks(wanted):
+                for digest, media_type, body in self._db.execute(
+                        "SELECT digest, media_type, body FROM manifests WHERE digest IN "
+                        f"({', '.join('?' * len(part))})", part):
+                    found[digest] = (media_type, bytes(body))
+            return found
+        return await self._run(read) if wanted else {}
+
+
+def _chunks(values: list[str], size: int = 500) -> list[list[str]]:
+    """Parts of `values` small enough for one `IN (...)` each (SQLite bounds parameters)."""
+    return [values[i:i + size] for i in range(0, len(values), size)]
+
+
+def _above(prefix: str) -> str | None:
+    """The least string after every string that starts with `prefix` (None: no bound)."""
+    if not prefix:
+        return None
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
