@@ -69,6 +69,7 @@ from ..errors import (
 from ..metrics import Metrics
 from ..storage.blobs import BlobStore, pwrite_all
 from ..upstream.raw_body import RawBody
+from .hashing import BackgroundHash
 
 log = logging.getLogger("mirror")
 
@@ -76,6 +77,8 @@ READ_CHUNK = 1 << 20
 # What the pump thread reads, writes and hashes at a time, and so how often the loop wakes:
 # one call per MiB is ~500 wake-ups for a 512 MiB layer, and 1 MiB of lag for the readers.
 PUMP_CHUNK = 1 << 20
+# Chunks the hash thread may lag behind the pump (each a PUMP_CHUNK buffer of the fill's).
+HASH_DEPTH = 4
 # With the disk full, at most this much of all blobs being filled waits in memory for
 # their readers, over every fill at once.
 OVERFLOW_LIMIT = 256 << 20
@@ -346,27 +349,42 @@ class Fill:
 
     def _pump_on_thread(self, raw: RawBody,
                         advance: Callable[[int, bytes | None], None]) -> None:
-        """On the fill's own thread: the body from the socket to the spool and the hash.
+        """On the fill's own thread: the body from the socket to the spool, and to the hash
+        on a thread of its own (hashing.py), so that hashing one chunk overlaps receiving
+        and writing the next.
 
         `written` and `on_disk` belong to the loop; the thread keeps its own offset and
-        whether the disk still takes bytes. Nothing of a chunk is handed over before it was
-        written and hashed, so a break leaves the hash over exactly the advanced bytes."""
+        whether the disk still takes bytes. A chunk is handed over once written (readers
+        read the spool; only the last byte waits for the digest), and the hash thread is
+        joined before this returns, so a break leaves the hash over exactly the advanced
+        bytes."""
         at, to_disk = self.written, self.on_disk == self.written
-        buffer = memoryview(bytearray(PUMP_CHUNK))
-        pending = memoryview(raw.head)
-        while not raw.stopping.is_set():
-            if pending:
-                data, pending = pending[:PUMP_CHUNK], pending[PUMP_CHUNK:]
-            elif raw.remaining:
-                data = buffer[:raw.read_into(buffer)]
-            else:
-                return
-            if not data:
-                continue  # stopping
-            to_disk = to_disk and self._spool(data, at)
-            self._hasher.update(data)
-            at += len(data)
-            advance(len(data), None if to_disk else bytes(data))
+        hashing = BackgroundHash(self._hasher, PUMP_CHUNK, HASH_DEPTH,
+                                 f"hash {self.digest[:19]}")
+        try:
+            pending = memoryview(raw.head)
+            while not raw.stopping.is_set():
+                buffer = None
+                if pending:
+                    data, pending = pending[:PUMP_CHUNK], pending[PUMP_CHUNK:]
+                elif raw.remaining:
+                    buffer = hashing.buffer()
+                    view = memoryview(buffer)
+                    try:
+                        data = view[:raw.read_into(view)]
+                    except BaseException:
+                        hashing.update(view[:0], buffer)  # back to the ring, nothing hashed
+                        raise
+                else:
+                    return
+                to_disk = to_disk and self._spool(data, at)
+                kept = None if to_disk else bytes(data)
+                hashing.update(data, buffer)
+                at += len(data)
+                if data:  # empty: stopping
+                    advance(len(data), kept)
+        finally:
+            hashing.close()
 
     async def _verify_and_commit(self) -> None:
         if f"{self.digest.partition(':')[0]}:{self._hasher.hexdigest()}" != self.digest:
