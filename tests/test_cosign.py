@@ -660,7 +660,10 @@ def hostile_registry(target: str, data: bytes, flip: int) -> tuple[Registry, str
         # A valid layer with some members replaced by hostile values.
         registry.sign(NAME, digest, [signer("ed25519")])
         layer = json.loads(registry.manifests[(NAME, tag)][0])["layers"][0]
-        hostile_value = json.loads(data) if data.startswith((b"{", b"[")) else None
+        try:  # hostile bytes that happen to be a JSON object replace the layer's members
+            hostile_value = json.loads(data) if data.startswith((b"{", b"[")) else None
+        except (ValueError, RecursionError):
+            hostile_value = None
         if isinstance(hostile_value, dict):
             layer.update(hostile_value)
         registry.push_signature_manifest(NAME, digest, [hostile_value, layer])
