@@ -235,3 +235,23 @@ async def test_an_unthrottled_cold_fill_on_the_thread_stores_the_exact_bytes(mir
     assert stored.read_bytes() == data
     gets = [r for r in upstream.proxy.records if r.method == "GET" and digest in r.path]
     assert [r.status for r in gets] == [200]
+
+
+async def test_fills_past_the_pump_limit_read_on_the_loop_with_the_same_bytes(
+        mirror, http, upstream, big, monkeypatch):
+    """PUMP_LIMIT caps the threads (32 of them starved the loop, bench/mixed.py): a fill
+    over it takes aiohttp's path, and the client and the store get the same bytes."""
+    from mirror.cache import fill as fill_module
+
+    monkeypatch.setattr(fill_module, "PUMP_LIMIT", 0)
+    digest, data = big
+    await authorized(mirror, http, digest)
+    upstream.proxy.throttle(4 * MiB, match=digest)
+    reading = asyncio.create_task(get(http, blob_url(mirror, digest)))
+    for _ in range(100):
+        if mirror.proxy.fills.active:
+            break
+        await asyncio.sleep(0.02)
+    assert mirror.proxy.fills.active and pump_threads() == []
+    status, _, body = await reading
+    assert (status, body) == (200, data)

@@ -77,6 +77,10 @@ READ_CHUNK = 1 << 20
 # What the pump thread reads, writes and hashes at a time, and so how often the loop wakes:
 # one call per MiB is ~500 wake-ups for a 512 MiB layer, and 1 MiB of lag for the readers.
 PUMP_CHUNK = 1 << 20
+# At most this many fills read on threads at once, the rest on the loop: 32 pump threads
+# (and their hash threads) starved the event loop of CPU and GIL, and manifest GETs fell
+# from ~105 to 6-9 req/s while 32 cold layers streamed (bench/mixed.py, issue 13).
+PUMP_LIMIT = max(2, os.cpu_count() or 2)
 # Chunks the hash thread may lag behind the pump (each a PUMP_CHUNK buffer of the fill's).
 HASH_DEPTH = 4
 # With the disk full, at most this much of all blobs being filled waits in memory for
@@ -140,6 +144,8 @@ class Overflow:
 
 
 class Fill:
+    pumping = 0  # fills reading on their own thread now, over the process (PUMP_LIMIT)
+
     def __init__(self, digest: str, store: BlobStore, open_body: Opener,
                  partial: Partial | None = None, route: str = "",
                  overflow: Overflow | None = None, metrics: Metrics | None = None):
@@ -277,9 +283,15 @@ class Fill:
                          "honoured the Range" if body.start == resume_at else "sent it all")
             skip = resume_at - body.start  # bytes we have, sent again by an upstream without Range
             detach = getattr(body, "detach", None)  # upstream bodies; not S3's or a peer's
-            raw = detach() if detach is not None and skip == 0 else None
+            raw = None
+            if detach is not None and skip == 0 and Fill.pumping < PUMP_LIMIT:
+                raw = detach()
             if raw is not None:
-                await self._pump(raw, reserving)
+                Fill.pumping += 1
+                try:
+                    await self._pump(raw, reserving)
+                finally:
+                    Fill.pumping -= 1
             else:
                 await self._read_chunks(body, skip, reserving)
         if self.size is not None and self.written != self.size:
