@@ -49,6 +49,7 @@ from . import stop_process
 # client earlier on PATH (a newer static build) would negotiate a different API version.
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
 DOCKERD = shutil.which("dockerd", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+CTR = shutil.which("ctr")  # Debian's containerd, which docker.io depends on
 CERTS_D = Path("/etc/docker/certs.d")
 RUN_DIR = Path("/run/docker")
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY")
@@ -62,9 +63,9 @@ def unavailable() -> str | None:
     """Why the engine tests cannot run here, or None when they can."""
     if os.geteuid() != 0:
         return "dockerd runs as root only, and these tests start their own"
-    if DOCKERD is None or DOCKER is None:
-        return ("dockerd or the docker client is not installed "
-                "(Debian package docker.io; scripts/test.sh installs it)")
+    if DOCKERD is None or DOCKER is None or CTR is None:
+        return ("dockerd, the docker client or ctr is not installed "
+                "(Debian packages docker.io and containerd; scripts/test.sh installs them)")
     return None
 
 
@@ -279,12 +280,31 @@ class Dockerd:
         return json.loads(result.stdout)[0]
 
     async def reset(self) -> None:
-        """No images and no logins: the next test starts from an empty engine."""
+        """No images, no cached manifests and no logins: the next test starts from an
+        empty engine."""
         listed = (await self.docker("image", "ls", "--all", "--quiet", "--no-trunc")).check()
         ids = sorted(set(listed.stdout.split()))
         if ids:
             (await self.docker("image", "rm", "--force", *ids)).check()
+        # dockerd 20.10 also keeps each manifest it pulled in its containerd's content
+        # store (namespace moby) and reads it from there when a tag's HEAD names a digest
+        # it holds, so the next pull would skip the manifest GET. `rmi` only drops the
+        # lease; containerd's garbage collector removes the blob some time later (later
+        # still on a loaded machine), so it is removed here, not left to that race.
+        cached = (await self.ctr("content", "ls", "--quiet")).check().stdout.split()
+        if cached:
+            (await self.ctr("content", "rm", *cached)).check()
         (self.client_config / "config.json").unlink(missing_ok=True)
+
+    async def ctr(self, *args: str) -> Result:
+        """`ctr ARGS...` against the containerd this dockerd started, in its namespace."""
+        proc = await asyncio.create_subprocess_exec(
+            CTR, "--address", str(self.directory / "exec" / "containerd" / "containerd.sock"),
+            "--namespace", "moby", *args, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        return Result(proc.returncode or 0, out.decode(errors="replace"),
+                      err.decode(errors="replace"), out)
 
     # -- internals -----------------------------------------------------------------------
 
