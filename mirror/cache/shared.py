@@ -30,11 +30,16 @@ log = logging.getLogger("mirror")
 
 async def shared_fill(leases: FillLeases, fills: Fills, store: BlobStore, route: Route,
                       digest: str, from_upstream: Opener) -> tuple[Fill, int]:
+    # No await between the claim's answer and fills.join: another request here that finds
+    # the lease taken (by this replica) must find this fill active, not follow itself; and
+    # a fill found active must be joined before it can end (releasing first let it end
+    # meanwhile, and the join then started a second upstream fetch).
     claim = await leases.claim(digest)
     if digest in fills.active:  # another request here started it meanwhile
+        joined = fills.join(digest, from_upstream, route=route.key)
         if isinstance(claim, Holding):
             await claim.release()
-        return fills.join(digest, from_upstream, route=route.key)
+        return joined
     if isinstance(claim, Following):
         leases.metrics.cluster_fills.labels("follower").inc()
         fill, fd = fills.join(digest, lambda start: leases.stream(claim.url, digest, start),
@@ -44,11 +49,31 @@ async def shared_fill(leases: FillLeases, fills: Fills, store: BlobStore, route:
                         lambda start: _takeover(leases, store, fill, claim, digest, start,
                                                 from_upstream))
         return fill, fd
-    leases.metrics.cluster_fills.labels("holder" if isinstance(claim, Holding) else "alone").inc()
-    fill, fd = fills.join(digest, from_upstream, route=route.key)
-    if isinstance(claim, Holding):
-        fill.on_done.append(claim.release)
+    if isinstance(claim, Alone):
+        leases.metrics.cluster_fills.labels("alone").inc()
+        return fills.join(digest, from_upstream, route=route.key)
+    fill, fd = fills.join(
+        digest, lambda start: _bucket_or(leases, store, digest, start, from_upstream),
+        route=route.key)
+    fill.on_done.append(claim.release)
     return fill, fd
+
+
+@contextlib.asynccontextmanager
+async def _bucket_or(leases: FillLeases, store: BlobStore, digest: str, start: int,
+                     from_upstream: Opener) -> AsyncIterator[Any]:
+    """The holder's first source. Its caller missed the blob before it claimed the lease,
+    and another replica's fill may have committed it and released the lease in between:
+    then the bucket's copy is read, not the upstream's a second time (a loaded CI run saw
+    two upstream GETs of one layer for 32 clients over 3 replicas). Only a holder that
+    goes to the upstream counts as one."""
+    if store.remote is not None and await store.stat(digest) is not None:
+        async with object_body(store, digest, start) as body:
+            yield body
+        return
+    leases.metrics.cluster_fills.labels("holder").inc()
+    async with from_upstream(start) as body:
+        yield body
 
 
 @contextlib.asynccontextmanager

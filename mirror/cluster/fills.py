@@ -142,7 +142,11 @@ class FillLeases:
             return await run()
         if isinstance(claim, Holding):
             try:
-                return await run()
+                # The caller found nothing stored before it claimed; another replica's
+                # run may have stored it and released the lease in between, and running
+                # again would be a second upstream fetch.
+                found = await stored()
+                return found if found is not None else await run()
             finally:
                 await claim.release()
         key = f"{self.prefix}fill:flight:{key}"
